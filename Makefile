@@ -1,0 +1,34 @@
+# Siamese Analog Finder. First time on Debian 12: `bash scripts/setup.sh <target>` installs
+# everything and runs the target; afterwards `make <target>` is enough.
+PY      ?= .venv/bin/python
+OUT     ?= out
+export QT_QPA_PLATFORM ?= offscreen
+export PYTHONDONTWRITEBYTECODE = 1
+
+SAMPLE_RASTER    = resources/earth/landsat_bahamas_rgb_300m.tif
+SAMPLE_REFERENCE = resources/mars/ganges_chasma_dunes_ctx_7m.tif
+
+.PHONY: help demo test test-core lint train evaluate bench package clean
+
+help:
+	@echo "make demo | test | test-core | lint | train | evaluate | bench | package | clean"
+
+## The main job on the shipped sample data: a dissimilarity map of the Bahamas banks against
+## the Ganges Chasma dune field, as GeoTIFF + GeoPackage + PNG in $(OUT)/demo.
+demo:
+	@mkdir -p $(OUT)/demo
+	$(PY) -m siamese_analog_plugin search --raster $(SAMPLE_RASTER) --reference $(SAMPLE_REFERENCE) \
+		--cell-size 6000 --out-raster $(OUT)/demo/dissimilarity.tif --out-cells $(OUT)/demo/cells.gpkg \
+		--out-png $(OUT)/demo/analog_map.png --top 10
+
+test:
+	$(PY) -m pytest
+
+test-core:
+	$(PY) -m pytest tests/core
+
+lint:
+	$(PY) -m ruff check siamese_analog_plugin tests
+
+clean:
+	rm -rf $(OUT) dist .pytest_cache

@@ -1,0 +1,192 @@
+"""Command line over the engine: ``python -m siamese_analog_plugin <command> ...``.
+
+Commands: ``search``, ``embed``, ``info`` here; other modules add theirs (``train``,
+``evaluate``, ...) through a ``register_cli(subparsers)`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .core.errors import AnalogFinderError
+
+# Modules that add sub-commands when present.
+EXTENSION_MODULES = (
+    "siamese_analog_plugin.core.training",
+    "siamese_analog_plugin.core.evaluation",
+    "siamese_analog_plugin.core.fewshot",
+    "siamese_analog_plugin.core.benchmark",
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    p.add_argument("--batch-size", type=int, default=128, help="cells encoded together (default: 128)")
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser("search", help="map how Mars-like every cell of an area is",
+                       description="Cut an area of Earth imagery into cells, compare each with a Mars reference "
+                                   "image and write a dissimilarity GeoTIFF and a GeoPackage of cells. "
+                                   "Low dissimilarity = more Mars-like.")
+    p.add_argument("--raster", required=True, help="Earth imagery (GeoTIFF or any georeferenced GDAL raster)")
+    p.add_argument("--reference", required=True, nargs="+",
+                   help="Mars reference image(s) (PNG/JPEG/GeoTIFF) or folder(s) of them")
+    p.add_argument("--area", help="polygon file (GeoPackage, GeoJSON, Shapefile; any CRS); default: raster extent")
+    p.add_argument("--area-layer", help="layer of the area file (default: the first)")
+    p.add_argument("--cell-size", type=float, help="cell side in metres (default: the reference's ground size "
+                                                   "when it is georeferenced, else 100 raster pixels)")
+    p.add_argument("--stride", type=float, help="distance between cells in metres (default: the cell size)")
+    p.add_argument("--min-coverage", type=float, default=0.5, help="keep cells at least this share inside the area")
+    p.add_argument("--max-nodata", type=float, default=0.5, help="skip cells with more nodata than this share")
+    p.add_argument("--band", type=int, help="raster band to use (default: luminance of RGB, or band 1)")
+    p.add_argument("--reference-resolution", type=float,
+                   help="metres per pixel of references that are not georeferenced")
+    p.add_argument("--aggregate", choices=("nearest", "mean"), default="nearest",
+                   help="with several references: distance to the nearest one or to their mean")
+    _add_model_args(p)
+    p.add_argument("--max-cells", type=int, default=1_000_000, help="refuse larger grids unless --force")
+    p.add_argument("--force", action="store_true", help="run even when the cell count is above --max-cells")
+    p.add_argument("--out-raster", required=True, help="dissimilarity GeoTIFF to write")
+    p.add_argument("--out-cells", required=True, help="GeoPackage of cells to write")
+    p.add_argument("--out-png", help="also write a picture of the map")
+    p.add_argument("--top", type=int, default=10, help="how many best sites to print and list")
+    p.add_argument("--json", action="store_true", help="print the best sites as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from .core.feedback import ConsoleFeedback
+    from .core.search import SearchParams, run_search
+    from .core.vector import read_area
+
+    feedback = ConsoleFeedback(quiet=args.quiet)
+    area = read_area(args.area, args.area_layer) if args.area else None
+    params = SearchParams(
+        raster=args.raster, references=args.reference, area=area, cell_size_m=args.cell_size,
+        stride_m=args.stride, min_coverage=args.min_coverage, max_nodata=args.max_nodata, band=args.band,
+        reference_resolution_m=args.reference_resolution, model=args.model, device=args.device,
+        batch_size=args.batch_size, aggregate=args.aggregate, max_cells=args.max_cells, force=args.force,
+        top_k=args.top)
+    if args.out_png:
+        from .core.outputs import check_destination
+
+        check_destination(args.out_png, "picture")
+    result = run_search(params, args.out_raster, args.out_cells, feedback)
+    best = result.best(args.top)
+    if args.json:
+        print(json.dumps({"device": result.device, "cells": len(result.grid), "seconds": round(result.seconds, 3),
+                          "best": best}, indent=2))
+    else:
+        print(f"\nBest analog sites (of {int(result.scored.sum()):,} cells scored; lower = more Mars-like):")
+        print(f"{'rank':>4} {'id':>7} {'row':>5} {'col':>5} {'dissimilarity':>13} {'lon':>12} {'lat':>11}  reference")
+        for s in best:
+            print(f"{s['rank']:>4} {s['id']:>7} {s['row']:>5} {s['col']:>5} {s['dissimilarity']:>13.4f} "
+                  f"{s['lon']:>12.6f} {s['lat']:>11.6f}  {s['reference']}")
+    print(f"\nWrote {args.out_raster} and {args.out_cells}")
+    if args.out_png:
+        from .core.figures import render_search_png
+
+        render_search_png(result, args.raster, args.out_png, top=min(args.top, 5))
+        print(f"Wrote {args.out_png}")
+    return 0
+
+
+def _embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="embed every image under a folder",
+                       description="Embed every image under DIR (recursively) and save arrays 'paths' "
+                                   "(relative to DIR, forward slashes) and 'embeddings' (N x D) to an .npz file.")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help=".npz file to write")
+    _add_model_args(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from .core.embedding import embed_folder
+    from .core.feedback import ConsoleFeedback
+    from .core.outputs import atomic_outputs, check_destination
+
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    check_destination(out, "output file")
+    paths, emb, device = embed_folder(args.images, args.model, args.device, args.batch_size,
+                                      ConsoleFeedback(quiet=args.quiet))
+    with atomic_outputs({"npz": out}) as tmp:
+        with open(tmp["npz"], "wb") as fh:
+            np.savez(fh, paths=np.array(paths), embeddings=emb)
+    print(f"Embedded {len(paths)} images into {emb.shape[1]}-d vectors on {device}; wrote {out}")
+    return 0
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="the model card and the devices available")
+    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from .core.devices import available_devices
+    from .core.encoder import default_model_path, load_model
+
+    print(f"Siamese Analog Finder {__version__}")
+    print(f"devices available: {', '.join(available_devices())}")
+    enc = load_model(args.model, "cpu")
+    print("\nModel card")
+    print(enc.describe())
+    card = Path(enc.path).with_name("README.md")
+    if not args.model and card.exists():
+        print(f"\nFull model card: {card}")
+    elif not args.model:
+        print(f"\n(default model: {default_model_path()})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m siamese_analog_plugin",
+                                     description="Siamese Analog Finder: where on Earth does the ground look like "
+                                                 "this patch of Mars?")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _search_parser(sub)
+    _embed_parser(sub)
+    _info_parser(sub)
+    for name in EXTENSION_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that feature is not installed; anything else is a real error
+                continue
+            raise
+        if hasattr(module, "register_cli"):
+            module.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AnalogFinderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

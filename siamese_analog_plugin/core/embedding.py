@@ -1,0 +1,48 @@
+"""Embedding a folder of images (the ``embed`` command and the Embed images algorithm)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .encoder import AnalogEncoder, load_model
+from .errors import InputError
+from .feedback import Feedback, check_cancelled
+from .imagery import IMAGE_EXTENSIONS, list_images, load_image_patch
+
+__all__ = ["embed_folder"]
+
+
+def embed_folder(folder: str | os.PathLike, model: str | None = None, device: str = "auto", batch_size: int = 128,
+                 feedback: Feedback | None = None, encoder: AnalogEncoder | None = None):
+    """Embed every image under ``folder`` (recursively).
+
+    Returns:
+        ``(paths, embeddings, device)``: paths relative to ``folder`` with forward slashes,
+        an ``(N, D)`` float32 array, and the device used.
+
+    Raises:
+        InputError: the folder is missing or holds no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"The image folder '{folder}' does not exist or is not a folder", "Check the path")
+    files = list_images(folder)
+    if not files:
+        raise InputError(f"The folder '{folder}' holds no images",
+                         f"Put image files in it ({', '.join(IMAGE_EXTENSIONS[:4])}...)")
+    feedback = feedback or Feedback()
+    encoder = encoder or load_model(model, device)
+    feedback.log(f"Embedding {len(files)} images on {encoder.device}")
+    size = encoder.input_size
+    out = np.empty((len(files), encoder.embedding_dim), dtype=np.float32)
+    for start in range(0, len(files), batch_size):
+        check_cancelled(feedback)
+        chunk = files[start:start + batch_size]
+        patches = np.stack([load_image_patch(f, size)[0] for f in chunk])
+        out[start:start + len(chunk)] = encoder.embed(patches, batch_size)
+        feedback.progress((start + len(chunk)) / len(files), f"{start + len(chunk)}/{len(files)} images")
+    paths = [f.relative_to(folder).as_posix() for f in files]
+    return paths, out, str(encoder.device)

@@ -1,0 +1,323 @@
+"""Siamese encoders G_w and the model file format.
+
+Two networks:
+
+* ``paper``: the published encoder, exactly: three 3x3 convolutions (4, 8, 8 filters, stride 1,
+  same padding) each followed by ReLU and BatchNorm, flattened into fully connected layers
+  (500, 500) ending in a 5-d embedding. On a 100x100 patch that is ~40 M parameters.
+* ``compact``: the shipped default. Small convolutional trunk, then orderless pooling (mean and
+  standard deviation of every feature map), which suits texture, and an L2-normalised embedding.
+
+A model file is a zip written by ``torch.save`` that holds only tensors, strings and numbers:
+``{"format": ..., "version": 1, "metadata": <json str>, "state_dict": {...}}``. It is read with
+``torch.load(weights_only=True)``, so opening a model never runs code from the file. The
+metadata carries everything needed to use the weights: architecture and its parameters, input
+size, normalisation, embedding size and training provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, ModelError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ARCHITECTURES",
+    "build_network",
+    "normalise_patches",
+    "ModelMetadata",
+    "AnalogEncoder",
+    "save_model",
+    "load_model",
+    "default_model_path",
+]
+
+FORMAT = "siamese-analog-finder/model"
+FORMAT_VERSION = 1
+ARCHITECTURES = ("paper", "compact")
+DEFAULT_MODEL_NAME = "siamese_compact.pt"
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - exercised only without torch
+        raise ModelError(
+            "PyTorch is not installed, and the encoder needs it",
+            "Install it with: pip install torch (CPU build: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu)") from exc
+    return torch
+
+
+def build_network(architecture: str, input_size: int = 100, **params: Any):
+    """Build an untrained encoder network.
+
+    Args:
+        architecture: ``"paper"`` or ``"compact"``.
+        input_size: side of the square grey input patch, in pixels.
+        **params: architecture parameters (``embedding_dim``; for ``compact`` also
+            ``widths`` and ``l2_normalise``).
+
+    Returns:
+        A ``torch.nn.Module`` mapping ``(N, 1, S, S)`` to ``(N, D)``.
+    """
+    torch = _torch()
+    nn = torch.nn
+
+    if architecture == "paper":
+        dim = int(params.get("embedding_dim", 5))
+        hidden = int(params.get("hidden", 500))
+
+        class PaperEncoder(nn.Module):
+            """The published encoder: 3 x (conv3x3, ReLU, BatchNorm) -> FC 500 -> FC 500 -> FC dim."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.cnn = nn.Sequential(
+                    nn.Conv2d(1, 4, kernel_size=3, stride=1, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(4),
+                    nn.Conv2d(4, 8, kernel_size=3, stride=1, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(8),
+                    nn.Conv2d(8, 8, kernel_size=3, stride=1, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(8),
+                )
+                self.fc = nn.Sequential(
+                    nn.Linear(8 * input_size * input_size, hidden), nn.ReLU(inplace=True),
+                    nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                    nn.Linear(hidden, dim),
+                )
+
+            def forward(self, x):
+                return self.fc(torch.flatten(self.cnn(x), 1))
+
+        return PaperEncoder()
+
+    if architecture == "compact":
+        dim = int(params.get("embedding_dim", 32))
+        widths = [int(w) for w in params.get("widths", (16, 32, 64, 128))]
+        l2 = bool(params.get("l2_normalise", True))
+
+        class CompactEncoder(nn.Module):
+            """Conv trunk -> mean+std pooling (texture statistics) -> MLP -> embedding."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                layers: list = []
+                channels = 1
+                for i, width in enumerate(widths):
+                    layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                    if i < len(widths) - 1:
+                        layers.append(nn.MaxPool2d(2))
+                    channels = width
+                self.trunk = nn.Sequential(*layers)
+                self.head = nn.Sequential(nn.Linear(2 * channels, 2 * channels), nn.ReLU(inplace=True),
+                                          nn.Linear(2 * channels, dim))
+                self.l2 = l2
+
+            def forward(self, x):
+                f = self.trunk(x)
+                pooled = torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], dim=1)
+                z = self.head(pooled)
+                return torch.nn.functional.normalize(z, dim=1) if self.l2 else z
+
+        return CompactEncoder()
+
+    raise ModelError(f"Unknown encoder architecture '{architecture}'",
+                     f"Use one of: {', '.join(ARCHITECTURES)}")
+
+
+def normalise_patches(patches: np.ndarray, normalisation: dict) -> np.ndarray:
+    """Normalise grey patches in [0, 1] the way the encoder was trained.
+
+    Args:
+        patches: ``(N, S, S)`` float32 in [0, 1].
+        normalisation: ``{"mode": "per_patch"}`` (zero mean, unit standard deviation per
+            patch: removes illumination and contrast differences between images) or
+            ``{"mode": "global", "mean": m, "std": s}``.
+
+    Returns:
+        ``(N, S, S)`` float32.
+    """
+    x = np.asarray(patches, dtype=np.float32)
+    mode = normalisation.get("mode", "per_patch")
+    if mode == "per_patch":
+        mean = x.mean(axis=(-2, -1), keepdims=True)
+        std = x.std(axis=(-2, -1), keepdims=True)
+        return (x - mean) / np.maximum(std, 1e-3)
+    if mode == "global":
+        return (x - float(normalisation["mean"])) / float(normalisation["std"])
+    raise ModelError(f"Unknown normalisation mode '{mode}' in the model file",
+                     "Use a model written by this version of Siamese Analog Finder")
+
+
+@dataclass
+class ModelMetadata:
+    """What a model file says about itself (its model card, in data)."""
+
+    architecture: str
+    input_size: int = 100
+    embedding_dim: int = 5
+    arch_params: dict = field(default_factory=dict)
+    normalisation: dict = field(default_factory=lambda: {"mode": "per_patch"})
+    training: dict = field(default_factory=dict)
+    description: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMetadata":
+        data = json.loads(text)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+class AnalogEncoder:
+    """A loaded encoder on a device: turns grey patches into embeddings.
+
+    Attributes:
+        network: the torch module, in eval mode, on ``device``.
+        metadata: the :class:`ModelMetadata` from the file.
+        device: the ``torch.device`` actually used.
+        path: the file it came from (``None`` when built in memory).
+    """
+
+    def __init__(self, network, metadata: ModelMetadata, device, path: str | None = None) -> None:
+        self.network = network.eval().to(device)
+        self.metadata = metadata
+        self.device = device
+        self.path = path
+
+    @property
+    def input_size(self) -> int:
+        return self.metadata.input_size
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.metadata.embedding_dim
+
+    def to_tensor(self, patches: np.ndarray):
+        """Normalise ``(N, S, S)`` patches in [0, 1] into an ``(N, 1, S, S)`` tensor on the CPU."""
+        torch = _torch()
+        x = normalise_patches(patches, self.metadata.normalisation)
+        return torch.from_numpy(np.ascontiguousarray(x[:, None]))
+
+    def embed_tensor(self, x):
+        """Embed an already normalised ``(N, 1, S, S)`` tensor; returns ``(N, D)`` float32 numpy."""
+        torch = _torch()
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            else:
+                x = x.to(self.device)
+            z = self.network(x)
+            return z.float().cpu().numpy()
+
+    def embed(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Embed grey patches in [0, 1], ``(N, S, S)``, batch by batch. Returns ``(N, D)`` float32."""
+        patches = np.asarray(patches, dtype=np.float32)
+        if patches.ndim != 3 or patches.shape[1:] != (self.input_size, self.input_size):
+            raise InputError(
+                f"Patches of shape {patches.shape[1:]} were given to an encoder that takes "
+                f"{self.input_size}x{self.input_size}", "Resample them to the encoder's input size first")
+        out = np.empty((len(patches), self.embedding_dim), dtype=np.float32)
+        for start in range(0, len(patches), batch_size):
+            chunk = patches[start:start + batch_size]
+            out[start:start + len(chunk)] = self.embed_tensor(self.to_tensor(chunk))
+        return out
+
+    def describe(self) -> str:
+        """A human-readable model card summary."""
+        m = self.metadata
+        params = sum(p.numel() for p in self.network.parameters())
+        lines = [
+            f"model file     : {self.path or '(in memory)'}",
+            f"architecture   : {m.architecture} {json.dumps(m.arch_params, sort_keys=True)}",
+            f"parameters     : {params:,}",
+            f"input          : {m.input_size}x{m.input_size} grey, normalisation {json.dumps(m.normalisation)}",
+            f"embedding size : {m.embedding_dim}",
+            f"device         : {self.device}",
+        ]
+        if m.description:
+            lines.append(f"description    : {m.description}")
+        for key, value in sorted(m.training.items()):
+            text = json.dumps(value) if not isinstance(value, str) else value
+            lines.append(f"training.{key:<8}: {text}" if len(key) < 8 else f"training.{key}: {text}")
+        return "\n".join(lines)
+
+
+def save_model(path: str | os.PathLike, network, metadata: ModelMetadata) -> None:
+    """Write a model file (atomically: a temporary name, then a rename)."""
+    torch = _torch()
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": metadata.to_json(), "state_dict": state}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"Cannot write the model file '{path}': {exc.strerror or exc}",
+                         "Choose a folder you can write to") from exc
+
+
+def default_model_path() -> Path:
+    """The shipped model: inside the installed plugin, or in the repository's ``models/``."""
+    here = Path(__file__).resolve().parent.parent  # the package folder
+    for candidate in (here / "models" / DEFAULT_MODEL_NAME, here.parent / "models" / DEFAULT_MODEL_NAME):
+        if candidate.exists():
+            return candidate
+    return here.parent / "models" / DEFAULT_MODEL_NAME
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | None = "auto") -> AnalogEncoder:
+    """Load a model file onto a device.
+
+    Args:
+        path: the model file; ``None`` or ``""`` for the shipped default.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        ModelError: missing, corrupt or foreign file, or weights that do not fit the architecture.
+        InputError: the device does not exist here.
+    """
+    from .devices import resolve_device
+
+    torch = _torch()
+    path = Path(path) if path else default_model_path()
+    if not path.exists():
+        raise ModelError(f"The model file '{path}' does not exist",
+                         "Check the path, or leave the model empty to use the shipped one")
+    if path.is_dir():
+        raise ModelError(f"The model path '{path}' is a folder, not a model file", "Give the .pt file itself")
+    foreign = ModelError(
+        f"'{path}' is not a Siamese Analog Finder model (corrupt, truncated or another kind of file)",
+        "Use a model written by the train command, or leave the model empty to use the shipped one")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, pickle with code in it, random bytes...
+        raise foreign from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
+        raise foreign
+    if int(payload.get("version", 0)) > FORMAT_VERSION:
+        raise ModelError(f"'{path}' was written by a newer version of Siamese Analog Finder "
+                         f"(model format {payload.get('version')})", "Update the plugin")
+    try:
+        metadata = ModelMetadata.from_json(payload["metadata"])
+        params = {**metadata.arch_params, "embedding_dim": metadata.embedding_dim}
+        network = build_network(metadata.architecture, metadata.input_size, **params)
+        network.load_state_dict(payload["state_dict"], strict=True)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"The weights in '{path}' do not match the architecture its metadata describes: {exc}",
+                         "The file is damaged or was edited; retrain or use the shipped model") from exc
+    return AnalogEncoder(network, metadata, resolve_device(device), str(path))

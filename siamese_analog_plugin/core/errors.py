@@ -1,0 +1,51 @@
+"""Errors the engine raises: each names the problem and how to fix it.
+
+Every face (command line, Processing, map tool) shows ``str(error)`` to the user as is,
+so messages are full sentences: what is wrong, then what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnalogFinderError",
+    "InputError",
+    "ModelError",
+    "OutputError",
+    "SearchCancelled",
+]
+
+
+class AnalogFinderError(Exception):
+    """Base class of every error the engine raises on purpose.
+
+    Args:
+        problem: what is wrong, in the user's words.
+        fix: what the user can do about it (optional).
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        self.problem = problem.rstrip(".")
+        self.fix = fix.strip()
+        message = self.problem + "."
+        if self.fix:
+            message += " " + self.fix.rstrip(".") + "."
+        super().__init__(message)
+
+
+class InputError(AnalogFinderError):
+    """Bad user input: a missing file, a polygon off the raster, a silly cell size..."""
+
+
+class ModelError(AnalogFinderError):
+    """A model file that is missing, corrupt, foreign or unusable on the chosen device."""
+
+
+class OutputError(AnalogFinderError):
+    """An output that cannot be written."""
+
+
+class SearchCancelled(AnalogFinderError):
+    """The user cancelled; nothing was written."""
+
+    def __init__(self) -> None:
+        super().__init__("The search was cancelled", "Nothing was written")

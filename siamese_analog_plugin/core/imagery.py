@@ -1,0 +1,294 @@
+"""Reading imagery: windowed grey patches from rasters, and reference images.
+
+Every read is a windowed read resampled by GDAL straight to the encoder's input size, so a
+cell never costs more than its own pixels (and often less, through overviews). Colour
+becomes one grey channel (luminance of RGB, or a chosen band) stretched to [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RasterInfo",
+    "GreyReader",
+    "ReferenceImage",
+    "describe_raster",
+    "list_images",
+    "load_references",
+    "load_image_patch",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".jp2", ".img", ".vrt", ".bmp", ".gif")
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _rasterio():
+    import rasterio
+
+    return rasterio
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the grid needs to know about a raster, read from its header only."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    crs_wkt: str | None
+    bounds: tuple[float, float, float, float]  # left, bottom, right, top
+    res: tuple[float, float]  # pixel width, pixel height (CRS units, positive)
+    georeferenced: bool
+
+
+def _open(path: str | os.PathLike, what: str):
+    rasterio = _rasterio()
+    path = str(path)
+    if not os.path.exists(path) and "://" not in path and not path.startswith("/vsi"):
+        raise InputError(f"The {what} '{path}' does not exist", "Check the path")
+    if os.path.isdir(path):
+        raise InputError(f"The {what} '{path}' is a folder, not an image file", "Give the image file itself")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning for plain PNG/JPEG
+            return rasterio.open(path)
+    except Exception as exc:
+        raise InputError(f"The {what} '{path}' cannot be read as an image: {exc}",
+                         "Give a GeoTIFF, PNG or JPEG file that GDAL can open") from exc
+
+
+def _is_georeferenced(ds) -> bool:
+    return ds.crs is not None and not ds.transform.is_identity
+
+
+def describe_raster(path: str | os.PathLike) -> RasterInfo:
+    """Read a raster's size, CRS and extent (no pixels)."""
+    with _open(path, "raster") as ds:
+        return RasterInfo(str(path), ds.width, ds.height, ds.count, ds.crs.to_wkt() if ds.crs else None,
+                          tuple(ds.bounds), (abs(ds.transform.a), abs(ds.transform.e)), _is_georeferenced(ds))
+
+
+class GreyReader:
+    """Reads grey patches in [0, 1] from one raster, window by window.
+
+    Args:
+        path: the raster.
+        band: 1-based band to use; ``None`` = luminance of bands 1-3 when there are three or
+            more colour bands, else band 1.
+        what: the word used in error messages ("raster", "reference image").
+
+    One reader belongs to one thread at a time (GDAL dataset handles are not thread-safe).
+    """
+
+    def __init__(self, path: str | os.PathLike, band: int | None = None, what: str = "raster") -> None:
+        rasterio = _rasterio()
+        self.path = str(path)
+        self.ds = _open(path, what)
+        ds = self.ds
+        colour = [ci for ci in ds.colorinterp]
+        alpha = rasterio.enums.ColorInterp.alpha
+        data_bands = [i + 1 for i, ci in enumerate(colour) if ci != alpha]
+        if band is not None:
+            if not 1 <= band <= ds.count:
+                raise InputError(f"Band {band} was asked for but '{self.path}' has {ds.count} band(s)",
+                                 f"Choose a band from 1 to {ds.count}")
+            self.bands = [band]
+        elif len(data_bands) >= 3:
+            self.bands = data_bands[:3]
+        else:
+            self.bands = data_bands[:1] or [1]
+        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
+        all_valid = rasterio.enums.MaskFlags.all_valid
+        self.has_mask = any(all_valid not in f for f in flags)
+        self.lo, self.hi = self._stretch()
+
+    # -- setup -------------------------------------------------------------------------
+    def _stretch(self) -> tuple[float, float]:
+        """Value range mapped to [0, 1]: the type's range for 8-bit, else 2-98 % of the image."""
+        ds = self.ds
+        if ds.dtypes[self.bands[0] - 1] == "uint8":
+            return 0.0, 255.0
+        scale = max(ds.width, ds.height) / 1024.0
+        shape = (max(1, int(ds.height / max(scale, 1))), max(1, int(ds.width / max(scale, 1))))
+        grey, valid = self._read_raw(None, shape)
+        values = grey[valid] if valid is not None else grey.ravel()
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return 0.0, 1.0
+        lo, hi = np.percentile(values, [2, 98])
+        if hi <= lo:
+            lo, hi = float(values.min()), float(values.max()) + 1e-6
+        return float(lo), float(hi)
+
+    # -- reads -------------------------------------------------------------------------
+    def _read_raw(self, window, out_shape, resampling=None):
+        """Grey (not stretched) and validity for a window at ``out_shape`` (rows, cols)."""
+        from rasterio.enums import Resampling
+
+        rs = resampling if resampling is not None else Resampling.average
+        data = self.ds.read(self.bands, window=window, out_shape=(len(self.bands), *out_shape),
+                            resampling=rs).astype(np.float32)
+        grey = data[0] if len(self.bands) == 1 else np.tensordot(LUMINANCE, data, axes=1)
+        valid = None
+        if self.has_mask:
+            masks = self.ds.read_masks(self.bands, window=window, out_shape=(len(self.bands), *out_shape),
+                                       resampling=Resampling.nearest)
+            valid = masks.min(axis=0) > 0
+        return grey, valid
+
+    def read_bounds(self, bounds: tuple[float, float, float, float], size: int):
+        """Read the ground square ``bounds`` (raster CRS) as a ``size`` x ``size`` grey patch.
+
+        Returns:
+            ``(patch, valid_fraction)``: float32 patch in [0, 1] (invalid pixels set to 0.5)
+            and the share of valid pixels. Parts of the square outside the raster are invalid.
+        """
+        from rasterio.windows import from_bounds
+
+        win = from_bounds(*bounds, transform=self.ds.transform)
+        return self.read_window(win.col_off, win.row_off, win.width, win.height, size)
+
+    def read_window(self, col_off: float, row_off: float, width: float, height: float, size: int):
+        """Like :meth:`read_bounds` with a window in (fractional) pixel coordinates."""
+        from rasterio.enums import Resampling
+        from rasterio.windows import Window
+
+        W, H = self.ds.width, self.ds.height
+        c0, r0, c1, r1 = col_off, row_off, col_off + width, row_off + height
+        ic0, ir0, ic1, ir1 = max(c0, 0.0), max(r0, 0.0), min(c1, float(W)), min(r1, float(H))
+        patch = np.full((size, size), 0.5, dtype=np.float32)
+        valid = np.zeros((size, size), dtype=bool)
+        if ic1 - ic0 <= 1e-6 or ir1 - ir0 <= 1e-6:
+            return patch, 0.0
+        # Output pixels that the in-raster part of the window maps to.
+        ox0 = int(round((ic0 - c0) / width * size))
+        ox1 = int(round((ic1 - c0) / width * size))
+        oy0 = int(round((ir0 - r0) / height * size))
+        oy1 = int(round((ir1 - r0) / height * size))
+        if ox1 <= ox0 or oy1 <= oy0:
+            return patch, 0.0
+        # Downsampling averages pixels; upsampling interpolates.
+        resampling = Resampling.average if width >= size else Resampling.bilinear
+        grey, ok = self._read_raw(Window(ic0, ir0, ic1 - ic0, ir1 - ir0), (oy1 - oy0, ox1 - ox0), resampling)
+        grey = np.clip((grey - self.lo) / (self.hi - self.lo), 0.0, 1.0)
+        if ok is None:
+            ok = np.ones_like(grey, dtype=bool)
+        grey[~ok] = 0.5
+        patch[oy0:oy1, ox0:ox1] = grey
+        valid[oy0:oy1, ox0:ox1] = ok
+        return patch, float(valid.mean())
+
+    def read_centre_square(self, size: int):
+        """The largest centred square of the whole image, as a ``size`` x ``size`` patch."""
+        side = min(self.ds.width, self.ds.height)
+        return self.read_window((self.ds.width - side) / 2, (self.ds.height - side) / 2, side, side, size)
+
+    def ground_resolution_m(self) -> float | None:
+        """Metres per pixel when the image is georeferenced, else ``None``."""
+        from .geo import metres_per_degree, metres_per_unit, to_crs
+
+        ds = self.ds
+        if not _is_georeferenced(ds):
+            return None
+        crs = to_crs(ds.crs.to_wkt())
+        res = abs(ds.transform.a)
+        if crs.is_geographic:
+            lat = (ds.bounds.bottom + ds.bounds.top) / 2
+            mx, my = metres_per_degree(crs, lat)
+            return float(np.sqrt(res * mx * abs(ds.transform.e) * my))
+        return float(res * metres_per_unit(crs))
+
+    def close(self) -> None:
+        self.ds.close()
+
+    def __enter__(self) -> "GreyReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ReferenceImage:
+    """A Mars reference, ready to embed.
+
+    Attributes:
+        path: the file.
+        patch: ``(S, S)`` grey patch in [0, 1] (the image's largest centred square).
+        ground_size_m: the ground side of that square in metres, when the image is
+            georeferenced or its resolution was given; else ``None``.
+    """
+
+    path: str
+    patch: np.ndarray
+    ground_size_m: float | None
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Image files under a folder, sorted, hidden files and GDAL sidecars skipped."""
+    folder = Path(folder)
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern)
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def load_image_patch(path: str | os.PathLike, size: int, band: int | None = None,
+                     what: str = "image") -> tuple[np.ndarray, float | None]:
+    """Load an image's largest centred square as a grey patch; also its ground side in metres."""
+    with GreyReader(path, band=band, what=what) as reader:
+        patch, valid = reader.read_centre_square(size)
+        res = reader.ground_resolution_m()
+        side = min(reader.ds.width, reader.ds.height)
+    if valid < 0.05:
+        raise InputError(f"The {what} '{path}' holds no valid pixels (all nodata)", "Choose another image")
+    return patch, (res * side if res else None)
+
+
+def load_references(references, size: int, resolution_m: float | None = None,
+                    band: int | None = None) -> list[ReferenceImage]:
+    """Load one or several Mars reference images.
+
+    Args:
+        references: a file, a folder (its images, recursively) or a list of files/folders.
+        size: the encoder's input size.
+        resolution_m: metres per pixel of the references, for images that are not
+            georeferenced (overrides nothing that the file itself says).
+        band: band to use (default: luminance).
+
+    Raises:
+        InputError: nothing given, a missing file, an empty folder, an unreadable image.
+    """
+    if references is None or references == "" or references == []:
+        raise InputError("No Mars reference image was given", "Give a PNG, JPEG or GeoTIFF of the Mars terrain to match")
+    items = [references] if isinstance(references, (str, os.PathLike)) else list(references)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise InputError(f"The reference folder '{p}' holds no images",
+                                 f"Put PNG, JPEG or GeoTIFF files in it ({', '.join(IMAGE_EXTENSIONS[:4])}...)")
+            files.extend(found)
+        elif not p.exists():
+            raise InputError(f"The reference image '{p}' does not exist", "Check the path")
+        else:
+            files.append(p)
+    out = []
+    for f in files:
+        patch, ground = load_image_patch(f, size, band=band, what="reference image")
+        if ground is None and resolution_m:
+            with GreyReader(f, band=band, what="reference image") as r:
+                ground = resolution_m * min(r.ds.width, r.ds.height)
+        out.append(ReferenceImage(str(f), patch, ground))
+    return out
