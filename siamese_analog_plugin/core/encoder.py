@@ -263,9 +263,10 @@ def save_model(path: str | os.PathLike, network, metadata: ModelMetadata) -> Non
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(f"Cannot write the model file '{path}': {exc.strerror or exc}",
+    except (OSError, RuntimeError) as exc:  # torch.save reports I/O failures as RuntimeError
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise ModelError(f"Cannot write the model file '{path}': {getattr(exc, 'strerror', None) or exc}",
                          "Choose a folder you can write to") from exc
 
 

@@ -188,12 +188,15 @@ def build_grid(info: RasterInfo, cell_size_m: float, area: Area | None = None, s
                          f"Use a cell size of at least {pixel_m:.3g} m (the encoder sees ~100 pixels a side at best: "
                          f"{100 * pixel_m:.3g} m)")
     width, height = maxx - minx, maxy - miny
-    if cell_w > width * (1 + 1e-9) or cell_h > height * (1 + 1e-9):
+    # A cell may overhang the area by 0.1 % of its side: reprojected polygons come back a hair
+    # smaller than drawn, and a column should not vanish for a fraction of a millimetre.
+    slack = 1e-3
+    if cell_w > width + slack * cell_w or cell_h > height + slack * cell_h:
         raise InputError(f"The cell size {cell_size_m:g} m is larger than the area "
                          f"({width * cell_size_m / cell_w:.4g} m x {height * cell_size_m / cell_h:.4g} m)",
                          "Use a smaller cell size or a larger area")
-    n_cols = int(math.floor((width - cell_w) / step_x + 1e-9)) + 1
-    n_rows = int(math.floor((height - cell_h) / step_y + 1e-9)) + 1
+    n_cols = int(math.floor((width - cell_w + slack * cell_w) / step_x)) + 1
+    n_rows = int(math.floor((height - cell_h + slack * cell_h) / step_y)) + 1
     # Known before reading anything: the cells the area would make.
     full = n_rows * n_cols
     estimate = full if whole else int(round(geom.area / (step_x * step_y)))

@@ -1,0 +1,98 @@
+"""The command line, run in-process on real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siamese_analog_plugin.cli import main
+
+from .conftest import SAMPLE_HIRISE, SAMPLE_RASTER
+
+
+def test_search_prints_best_sites_and_writes_outputs(tiny_model, tmp_path, capsys):
+    code = main(["search", "--raster", str(SAMPLE_RASTER), "--reference", str(SAMPLE_HIRISE[0]),
+                 "--cell-size", "15000", "--model", tiny_model, "--device", "cpu", "--quiet", "--top", "3",
+                 "--out-raster", str(tmp_path / "d.tif"), "--out-cells", str(tmp_path / "c.gpkg"),
+                 "--out-png", str(tmp_path / "map.png")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Best analog sites" in out and len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) == 3
+    for name in ("d.tif", "c.gpkg", "map.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert Image.open(tmp_path / "map.png").size[0] > 600
+
+
+def test_search_error_is_one_clear_line(tiny_model, tmp_path, capsys):
+    code = main(["search", "--raster", str(tmp_path / "missing.tif"), "--reference", str(SAMPLE_HIRISE[0]),
+                 "--model", tiny_model, "--out-raster", str(tmp_path / "d.tif"), "--out-cells", str(tmp_path / "c.gpkg")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: The raster") and "does not exist" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_search_with_area_file_in_another_crs(tiny_model, tmp_path, capsys):
+    from osgeo import ogr, osr
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(4326)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    ds = ogr.GetDriverByName("GeoJSON").CreateDataSource(str(tmp_path / "area.geojson"))
+    layer = ds.CreateLayer("area", srs, ogr.wkbPolygon)
+    f = ogr.Feature(layer.GetLayerDefn())
+    f.SetGeometry(ogr.CreateGeometryFromWkt("POLYGON((-78 24.5,-77.2 24.5,-77.2 25.2,-78 25.2,-78 24.5))"))
+    layer.CreateFeature(f)
+    ds = None
+    code = main(["search", "--raster", str(SAMPLE_RASTER), "--reference", str(SAMPLE_HIRISE[0]), "--area",
+                 str(tmp_path / "area.geojson"), "--cell-size", "9000", "--model", tiny_model, "--quiet", "--json",
+                 "--out-raster", str(tmp_path / "d.tif"), "--out-cells", str(tmp_path / "c.gpkg")])
+    assert code == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out.split("\nWrote")[0])
+    assert report["cells"] > 20
+    for site in report["best"]:
+        assert -78.1 < site["lon"] < -77.1 and 24.4 < site["lat"] < 25.3
+
+
+def test_embed_folder(tiny_model, tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    (imgs / "a" / "deep").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for rel in ("x.png", "a/y.jpg", "a/deep/z.png"):
+        Image.fromarray((rng.random((60, 80)) * 255).astype(np.uint8)).save(imgs / rel)
+    (imgs / "notes.txt").write_text("not an image")
+    assert main(["embed", "--images", str(imgs), "--out", str(tmp_path / "e.npz"), "--model", tiny_model,
+                 "--quiet"]) == 0
+    data = np.load(tmp_path / "e.npz")
+    assert sorted(data["paths"].tolist()) == ["a/deep/z.png", "a/y.jpg", "x.png"]
+    assert data["embeddings"].shape == (3, 8) and np.isfinite(data["embeddings"]).all()
+
+
+def test_embed_empty_folder(tiny_model, tmp_path, capsys):
+    (tmp_path / "none").mkdir()
+    assert main(["embed", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "e.npz"),
+                 "--model", tiny_model]) == 1
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_info(tiny_model, capsys):
+    assert main(["info", "--model", tiny_model]) == 0
+    out = capsys.readouterr().out
+    assert "devices available: cpu" in out and "embedding size : 8" in out
+
+
+@pytest.mark.parametrize("argv", [[], ["search"]])
+def test_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) if argv else _no_raise():
+        assert main(argv) == 2
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

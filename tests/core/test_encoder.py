@@ -1,0 +1,152 @@
+"""Networks, the model file format, devices."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from siamese_analog_plugin.core.devices import resolve_device
+from siamese_analog_plugin.core.encoder import (
+    ModelMetadata,
+    build_network,
+    load_model,
+    normalise_patches,
+    save_model,
+)
+from siamese_analog_plugin.core.errors import InputError, ModelError
+
+
+class TestPaperNetwork:
+    def test_layers_are_the_published_ones(self):
+        net = build_network("paper", 100)
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [4, 8, 8]
+        assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) and c.padding == (1, 1) for c in convs)
+        kinds = [type(m).__name__ for m in net.cnn]
+        assert kinds == ["Conv2d", "ReLU", "BatchNorm2d"] * 3
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        assert [(lin.in_features, lin.out_features) for lin in linears] == [(80000, 500), (500, 500), (500, 5)]
+        n = sum(p.numel() for p in net.parameters())
+        assert 40_000_000 < n < 40_500_000  # ~40 M, as the issue says
+
+    def test_output_is_a_5d_embedding(self):
+        net = build_network("paper", 100).eval()
+        with torch.no_grad():
+            assert net(torch.zeros(2, 1, 100, 100)).shape == (2, 5)
+
+
+class TestCompactNetwork:
+    def test_embedding_shape_and_norm(self):
+        net = build_network("compact", 100, embedding_dim=16).eval()
+        with torch.no_grad():
+            z = net(torch.randn(3, 1, 100, 100))
+        assert z.shape == (3, 16)
+        assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+
+    def test_unknown_architecture(self):
+        with pytest.raises(ModelError, match="Unknown encoder architecture"):
+            build_network("resnet9000")
+
+
+class TestNormalisation:
+    def test_per_patch_removes_brightness_and_contrast(self):
+        rng = np.random.default_rng(0)
+        p = rng.random((1, 10, 10)).astype(np.float32)
+        a = normalise_patches(p, {"mode": "per_patch"})
+        b = normalise_patches(0.3 * p + 0.5, {"mode": "per_patch"})
+        assert np.allclose(a, b, atol=1e-4)
+        assert abs(a.mean()) < 1e-5 and a.std() == pytest.approx(1, abs=1e-3)
+
+    def test_global(self):
+        x = np.full((1, 2, 2), 0.75, np.float32)
+        assert np.allclose(normalise_patches(x, {"mode": "global", "mean": 0.5, "std": 0.25}), 1.0)
+
+
+class TestModelFile:
+    def test_round_trip_keeps_weights_and_metadata(self, tmp_path):
+        torch.manual_seed(1)
+        net = build_network("compact", 64, embedding_dim=8, widths=(4, 8))
+        meta = ModelMetadata("compact", 64, 8, {"widths": [4, 8]}, {"mode": "per_patch"},
+                             {"epochs": 3, "data": "unit test"}, "tiny")
+        save_model(tmp_path / "m.pt", net, meta)
+        enc = load_model(tmp_path / "m.pt", "cpu")
+        assert enc.metadata == meta
+        assert enc.input_size == 64 and enc.embedding_dim == 8
+        x = np.random.default_rng(0).random((5, 64, 64)).astype(np.float32)
+        with torch.no_grad():
+            expected = net.eval()(torch.from_numpy(normalise_patches(x, meta.normalisation)[:, None])).numpy()
+        assert np.allclose(enc.embed(x, batch_size=2), expected, atol=1e-5)
+        assert "compact" in enc.describe() and "unit test" in enc.describe()
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(ModelError, match="does not exist"):
+            load_model(tmp_path / "nope.pt")
+
+    def test_random_bytes(self, tmp_path):
+        p = tmp_path / "corrupt.pt"
+        p.write_bytes(os.urandom(2048))
+        with pytest.raises(ModelError, match="not a Siamese Analog Finder model"):
+            load_model(p)
+
+    def test_truncated_file(self, tmp_path, tiny_model):
+        p = tmp_path / "cut.pt"
+        data = open(tiny_model, "rb").read()
+        p.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ModelError, match="corrupt, truncated"):
+            load_model(p)
+
+    def test_foreign_checkpoint(self, tmp_path):
+        p = tmp_path / "foreign.pt"
+        torch.save({"model": {"w": torch.zeros(3)}, "epoch": 4}, p)
+        with pytest.raises(ModelError, match="not a Siamese Analog Finder model"):
+            load_model(p)
+
+    def test_pickled_code_is_never_run(self, tmp_path):
+        marker = tmp_path / "pwned"
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        p = tmp_path / "evil.pt"
+        torch.save({"format": "siamese-analog-finder/model", "state_dict": {}, "x": Evil()}, p)
+        with pytest.raises(ModelError):
+            load_model(p)
+        assert not marker.exists()
+
+    def test_weights_that_do_not_fit(self, tmp_path):
+        net = build_network("compact", 100, embedding_dim=8)
+        save_model(tmp_path / "m.pt", net, ModelMetadata("compact", 100, 16))  # says 16-d, holds 8-d
+        with pytest.raises(ModelError, match="do not match the architecture"):
+            load_model(tmp_path / "m.pt")
+
+    def test_file_is_a_plain_zip_of_tensors(self, tiny_model):
+        with zipfile.ZipFile(tiny_model) as z:
+            assert any(n.endswith("data.pkl") for n in z.namelist())
+
+    def test_unwritable_destination(self, tmp_path):
+        (tmp_path / "a_file").write_text("not a folder")
+        with pytest.raises(ModelError, match="Cannot write the model file"):
+            save_model(tmp_path / "a_file" / "m.pt", build_network("compact"), ModelMetadata("compact"))
+
+
+class TestDevices:
+    def test_auto_on_this_machine(self):
+        dev = resolve_device("auto")
+        assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU exists")
+    def test_cuda_without_gpu(self):
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            resolve_device("cuda:0")
+
+    def test_unknown(self):
+        with pytest.raises(InputError, match="Unknown device 'tpu'"):
+            resolve_device("tpu")
+
+    def test_model_reports_device(self, tiny_model):
+        assert str(load_model(tiny_model, "cpu").device) == "cpu"
