@@ -8,7 +8,7 @@ export PYTHONDONTWRITEBYTECODE = 1
 SAMPLE_RASTER    = resources/earth/landsat_bahamas_rgb_300m.tif
 SAMPLE_REFERENCE = resources/mars/ganges_chasma_dunes_ctx_7m.tif
 
-.PHONY: help demo test test-core lint train evaluate bench package clean
+.PHONY: help demo test test-core test-gui lint train evaluate bench package clean
 
 help:
 	@echo "make demo | test | test-core | lint | train | evaluate | bench | package | clean"
@@ -27,8 +27,17 @@ test:
 test-core:
 	$(PY) -m pytest tests/core
 
+test-gui:
+	$(PY) -m pytest tests/gui
+
+bench:
+	$(PY) -m siamese_analog_plugin bench
+
+package:
+	$(PY) scripts/package.py
+
 lint:
-	$(PY) -m ruff check siamese_analog_plugin tests
+	$(PY) -m ruff check siamese_analog_plugin tests scripts
 
 clean:
 	rm -rf $(OUT) dist .pytest_cache

@@ -57,6 +57,10 @@ def _search_parser(sub) -> None:
     p.add_argument("--out-cells", required=True, help="GeoPackage of cells to write")
     p.add_argument("--out-png", help="also write a picture of the map")
     p.add_argument("--top", type=int, default=10, help="how many best sites to print and list")
+    p.add_argument("--cache", help="folder of cached cell embeddings: a later search of the same area, raster and "
+                                   "model only computes distances")
+    p.add_argument("--amp", action="store_true",
+                   help="on CUDA, encode in mixed precision (dissimilarity within ~0.03)")
     p.add_argument("--json", action="store_true", help="print the best sites as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_search)
@@ -74,7 +78,7 @@ def cmd_search(args) -> int:
         stride_m=args.stride, min_coverage=args.min_coverage, max_nodata=args.max_nodata, band=args.band,
         reference_resolution_m=args.reference_resolution, model=args.model, device=args.device,
         batch_size=args.batch_size, aggregate=args.aggregate, max_cells=args.max_cells, force=args.force,
-        top_k=args.top)
+        top_k=args.top, cache_dir=args.cache, amp=args.amp)
     if args.out_png:
         from .core.outputs import check_destination
 

@@ -123,7 +123,8 @@ def _area_in_raster_crs(info: RasterInfo, area: Area | None, raster_crs):
         return footprint, True
     geom = area.geometry
     if geom is None or geom.is_empty:
-        raise InputError("The area polygon is empty", "Draw or select a polygon, or leave the area empty to use the raster's extent")
+        raise InputError("The area polygon is empty",
+                         "Draw or select a polygon, or leave the area empty to use the raster's extent")
     geom = reproject_geometry(geom, area.crs, raster_crs) if area.crs is not None else geom
     if not geom.is_valid:
         geom = geom.buffer(0)
@@ -132,7 +133,8 @@ def _area_in_raster_crs(info: RasterInfo, area: Area | None, raster_crs):
         gb = [round(v, 4) for v in geom.bounds]
         rb = [round(v, 4) for v in info.bounds]
         raise InputError(
-            f"The area polygon does not overlap the raster (polygon bounds {gb} vs raster bounds {rb} in the raster's CRS)",
+            f"The area polygon does not overlap the raster (polygon bounds {gb} vs raster bounds {rb} "
+            "in the raster's CRS)",
             "Draw the area over the imagery, or check that the polygon layer has the right CRS")
     return clipped, clipped.equals(footprint)
 
@@ -166,10 +168,12 @@ def build_grid(info: RasterInfo, cell_size_m: float, area: Area | None = None, s
         raise InputError(f"The raster '{info.path}' is not georeferenced (no CRS or geotransform)",
                          "Georeference it first (QGIS: Raster > Georeferencer) so cells get coordinates")
     if not (cell_size_m and math.isfinite(cell_size_m) and cell_size_m > 0):
-        raise InputError(f"The cell size must be a positive number of metres, not {cell_size_m}", "Give e.g. --cell-size 500")
+        raise InputError(f"The cell size must be a positive number of metres, not {cell_size_m}",
+                         "Give e.g. --cell-size 500")
     stride_m = float(stride_m) if stride_m else float(cell_size_m)
     if stride_m <= 0 or not math.isfinite(stride_m):
-        raise InputError(f"The stride must be a positive number of metres, not {stride_m}", "Leave it empty for no overlap")
+        raise InputError(f"The stride must be a positive number of metres, not {stride_m}",
+                         "Leave it empty for no overlap")
     if not 0 < min_coverage <= 1:
         raise InputError(f"The minimum coverage must be in (0, 1], not {min_coverage}", "Use e.g. 0.5")
     crs = to_crs(info.crs_wkt)

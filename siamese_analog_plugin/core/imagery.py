@@ -37,6 +37,12 @@ def _rasterio():
     return rasterio
 
 
+def _resampling():
+    from rasterio.enums import Resampling
+
+    return Resampling
+
+
 @dataclass(frozen=True)
 class RasterInfo:
     """What the grid needs to know about a raster, read from its header only."""
@@ -86,11 +92,14 @@ class GreyReader:
         band: 1-based band to use; ``None`` = luminance of bands 1-3 when there are three or
             more colour bands, else band 1.
         what: the word used in error messages ("raster", "reference image").
+        stretch: the value range mapped to [0, 1] when already known (another reader of the
+            same raster computed it), which saves reading an overview of the whole image.
 
     One reader belongs to one thread at a time (GDAL dataset handles are not thread-safe).
     """
 
-    def __init__(self, path: str | os.PathLike, band: int | None = None, what: str = "raster") -> None:
+    def __init__(self, path: str | os.PathLike, band: int | None = None, what: str = "raster",
+                 stretch: tuple[float, float] | None = None) -> None:
         rasterio = _rasterio()
         self.path = str(path)
         self.ds = _open(path, what)
@@ -110,7 +119,8 @@ class GreyReader:
         flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
         all_valid = rasterio.enums.MaskFlags.all_valid
         self.has_mask = any(all_valid not in f for f in flags)
-        self.lo, self.hi = self._stretch()
+        self._inverse = ~ds.transform
+        self.lo, self.hi = stretch if stretch is not None else self._stretch()
 
     # -- setup -------------------------------------------------------------------------
     def _stretch(self) -> tuple[float, float]:
@@ -133,18 +143,38 @@ class GreyReader:
     # -- reads -------------------------------------------------------------------------
     def _read_raw(self, window, out_shape, resampling=None):
         """Grey (not stretched) and validity for a window at ``out_shape`` (rows, cols)."""
-        from rasterio.enums import Resampling
-
-        rs = resampling if resampling is not None else Resampling.average
-        data = self.ds.read(self.bands, window=window, out_shape=(len(self.bands), *out_shape),
-                            resampling=rs).astype(np.float32)
-        grey = data[0] if len(self.bands) == 1 else np.tensordot(LUMINANCE, data, axes=1)
+        rs = resampling if resampling is not None else _resampling().average
+        data = self.ds.read(self.bands, window=window, out_shape=(len(self.bands), *out_shape), resampling=rs)
+        if len(self.bands) == 1:
+            grey = data[0].astype(np.float32)
+        else:
+            # Element-wise (not a BLAS dot) so a pixel's value does not depend on the size of
+            # the read: block reads and cell reads give identical patches.
+            grey = data[0].astype(np.float32) * LUMINANCE[0]
+            grey += data[1].astype(np.float32) * LUMINANCE[1]
+            grey += data[2].astype(np.float32) * LUMINANCE[2]
         valid = None
         if self.has_mask:
             masks = self.ds.read_masks(self.bands, window=window, out_shape=(len(self.bands), *out_shape),
-                                       resampling=Resampling.nearest)
+                                       resampling=_resampling().nearest)
             valid = masks.min(axis=0) > 0
         return grey, valid
+
+    def read_region(self, col_off: int, row_off: int, width: int, height: int, out_width: int, out_height: int):
+        """Read a whole pixel-aligned region (inside the raster) as grey in [0, 1] and validity.
+
+        Used to read many cells that tile the raster in one windowed read; the values are
+        those :meth:`read_window` gives for each cell (invalid pixels set to 0.5).
+        """
+        from rasterio.windows import Window
+
+        resampling = _resampling().average if width >= out_width else _resampling().bilinear
+        grey, ok = self._read_raw(Window(col_off, row_off, width, height), (out_height, out_width), resampling)
+        grey = np.clip((grey - self.lo) / (self.hi - self.lo), 0.0, 1.0)
+        if ok is None:
+            ok = np.ones_like(grey, dtype=bool)
+        grey[~ok] = 0.5
+        return grey, ok
 
     def read_bounds(self, bounds: tuple[float, float, float, float], size: int):
         """Read the ground square ``bounds`` (raster CRS) as a ``size`` x ``size`` grey patch.
@@ -153,16 +183,26 @@ class GreyReader:
             ``(patch, valid_fraction)``: float32 patch in [0, 1] (invalid pixels set to 0.5)
             and the share of valid pixels. Parts of the square outside the raster are invalid.
         """
-        from rasterio.windows import from_bounds
+        col_off, row_off, width, height = self.window_of(bounds)
+        return self.read_window(col_off, row_off, width, height, size)
 
-        win = from_bounds(*bounds, transform=self.ds.transform)
-        return self.read_window(win.col_off, win.row_off, win.width, win.height, size)
+    def window_of(self, bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """``(col_off, row_off, width, height)`` in pixels of the ground square ``bounds``.
+
+        The same numbers as ``rasterio.windows.from_bounds``, which (rasterio 1.3) sets up a
+        GDAL environment on every call: that cost more than the read itself.
+        """
+        left, bottom, right, top = bounds
+        inv = self._inverse
+        cols, rows = zip(*(inv * (x, y) for x, y in ((left, top), (right, top), (right, bottom), (left, bottom))))
+        col0, row0 = min(cols), min(rows)
+        return col0, row0, max(max(cols) - col0, 0.0), max(max(rows) - row0, 0.0)
 
     def read_window(self, col_off: float, row_off: float, width: float, height: float, size: int):
         """Like :meth:`read_bounds` with a window in (fractional) pixel coordinates."""
-        from rasterio.enums import Resampling
         from rasterio.windows import Window
 
+        Resampling = _resampling()
         W, H = self.ds.width, self.ds.height
         c0, r0, c1, r1 = col_off, row_off, col_off + width, row_off + height
         ic0, ir0, ic1, ir1 = max(c0, 0.0), max(r0, 0.0), min(c1, float(W)), min(r1, float(H))
@@ -211,7 +251,7 @@ class GreyReader:
     def close(self) -> None:
         self.ds.close()
 
-    def __enter__(self) -> "GreyReader":
+    def __enter__(self) -> GreyReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -269,7 +309,8 @@ def load_references(references, size: int, resolution_m: float | None = None,
         InputError: nothing given, a missing file, an empty folder, an unreadable image.
     """
     if references is None or references == "" or references == []:
-        raise InputError("No Mars reference image was given", "Give a PNG, JPEG or GeoTIFF of the Mars terrain to match")
+        raise InputError("No Mars reference image was given",
+                         "Give a PNG, JPEG or GeoTIFF of the Mars terrain to match")
     items = [references] if isinstance(references, (str, os.PathLike)) else list(references)
     files: list[Path] = []
     for item in items:

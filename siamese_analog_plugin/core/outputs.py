@@ -158,17 +158,22 @@ def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int
             if name in values:
                 cells.CreateField(ogr.FieldDefn(name, types[kind]))
         defn = cells.GetLayerDefn()
-        bounds = grid.bounds_array()
+        indices = [defn.GetFieldIndex(name) for name in names]
+        n = len(grid)
         cells.StartTransaction()
-        for i in range(len(grid)):
-            f = ogr.Feature(defn)
-            f.SetFID(int(grid.ids[i]))
-            for name in names:
-                _set_field(f, name, values[name][i])
-            x0, y0, x1, y1 = bounds[i]
-            f.SetGeometryDirectly(ogr.CreateGeometryFromWkt(
-                f"POLYGON(({x0!r} {y0!r},{x1!r} {y0!r},{x1!r} {y1!r},{x0!r} {y1!r},{x0!r} {y0!r}))"))
-            cells.CreateFeature(f)
+        # Chunks keep the Python values of a few thousand cells alive at a time, not all.
+        for start in range(0, n, _CHUNK):
+            sl = slice(start, min(start + _CHUNK, n))
+            setters = [_column_setter(k, values[name][sl]) for k, name in zip(indices, names)]
+            wkb = _polygon_wkb(grid.bounds_array(np.arange(sl.start, sl.stop)))
+            fids = grid.ids[sl].tolist()
+            for i in range(sl.stop - sl.start):
+                f = ogr.Feature(defn)
+                f.SetFID(fids[i])
+                for setter in setters:
+                    setter(f, i)
+                f.SetGeometryDirectly(ogr.CreateGeometryFromWkb(wkb[i].tobytes()))
+                cells.CreateFeature(f)
         cells.CommitTransaction()
         _write_sites(ds, srs, grid, values, names, top_k, types, ogr)
         ds = None  # close: flushes and releases the SQLite file
@@ -176,6 +181,59 @@ def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int
         raise
     except Exception as exc:
         raise OutputError(f"Cannot write the cell layer '{path}': {exc}", "Check the destination") from exc
+
+
+_CHUNK = 4096
+
+
+def _polygon_wkb(bounds: np.ndarray) -> np.ndarray:
+    """Little-endian WKB of the rectangles ``bounds`` (N, 4), one row of bytes per polygon.
+
+    Built at once with NumPy: parsing a WKT string per cell cost more than writing the cell.
+    """
+    n = len(bounds)
+    head = np.frombuffer(np.array([1], "<u1").tobytes() + np.array([3, 1, 5], "<u4").tobytes(), dtype=np.uint8)
+    x0, y0, x1, y1 = (bounds[:, k].astype("<f8") for k in range(4))
+    ring = np.stack([x0, y0, x1, y0, x1, y1, x0, y1, x0, y0], axis=1)  # closed ring, as the WKT was
+    out = np.empty((n, head.size + 80), dtype=np.uint8)
+    out[:, : head.size] = head
+    out[:, head.size:] = np.ascontiguousarray(ring).view(np.uint8).reshape(n, 80)
+    return out
+
+
+def _column_setter(index: int, column):
+    """A ``f(feature, i)`` that sets field ``index`` from ``column[i]`` with the typed OGR call.
+
+    Same values as :func:`_set_field` (NaN and None become NULL), without its per-value name
+    lookup and type dispatch.
+    """
+    arr = np.asarray(column)
+    values = arr.tolist()
+    if arr.dtype.kind == "f":
+        def set_real(f, i):
+            v = values[i]
+            if v == v and v not in (float("inf"), float("-inf")):
+                f.SetField(index, v)
+            else:
+                f.SetFieldNull(index)
+        return set_real
+    if arr.dtype.kind in "iu":
+        return lambda f, i: f.SetFieldInteger64(index, int(values[i]))
+
+    def set_other(f, i):
+        v = values[i]
+        if v is None:
+            f.SetFieldNull(index)
+        elif isinstance(v, float):
+            if v == v and v not in (float("inf"), float("-inf")):
+                f.SetField(index, v)
+            else:
+                f.SetFieldNull(index)
+        elif isinstance(v, int):
+            f.SetFieldInteger64(index, v)
+        else:
+            f.SetFieldString(index, str(v))
+    return set_other
 
 
 def _set_field(feature, name, value) -> None:

@@ -2,12 +2,22 @@
 
 Data flows one way: grid of cells -> windowed grey patches -> embeddings -> Euclidean
 distance to the Mars reference embedding(s) -> rank and percentile -> GeoTIFF + GeoPackage.
-Reading runs in a background thread (its own GDAL handle) so it overlaps encoding.
+
+The pipeline streams: reader threads (each with its own GDAL handle; GDAL releases the GIL)
+read, resample and normalise the next batches while the encoder runs on the current one, so
+pixels and tensors exist for a few batches only and memory does not grow with the area; per
+cell only a few numbers are kept (dissimilarity, valid share, nearest reference). Cells that
+tile the raster at its own resolution are read a grid row at a time (one windowed read per
+row of a batch). On CUDA, batches are pinned in the reader threads and copied without
+blocking; mixed precision is an option (``amp``). With ``cache_dir`` the embeddings are kept
+(:mod:`.cache`), and a later search of the same area only computes distances.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
+import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import CachedEmbeddings, CacheWriter, EmbeddingCache, cache_key, model_fingerprint
 from .encoder import AnalogEncoder, load_model
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
@@ -29,12 +40,17 @@ __all__ = [
     "plan_grid",
     "default_cell_size_m",
     "iter_patch_batches",
+    "plan_reads",
+    "read_cells",
+    "ReadPlan",
+    "describe_device",
     "score_embeddings",
     "rank_scores",
     "run_search",
 ]
 
 AGGREGATES = ("nearest", "mean")
+READER_REOPEN_BYTES = 8 * 1024 * 1024
 STATUS_SCORED = "scored"
 STATUS_NODATA = "nodata"
 
@@ -61,6 +77,17 @@ class SearchParams:
             ``mean`` (distance to their mean embedding).
         max_cells / force: the absurd-count guard.
         top_k: how many best sites to list.
+        cache_dir: folder of the embedding cache (``None``: no cache). A search of an area
+            already searched with the same raster, grid, band and model then only computes
+            distances.
+        reader_threads: threads reading the raster (``None``: two, or half the cores up to 8).
+        amp: on CUDA, encode in mixed precision (bfloat16, else float16). Dissimilarities then
+            differ from float32 by up to ~0.03 (embeddings are unit vectors, distances in
+            [0, 2]); ignored on CPU.
+        torch_threads: CPU threads of the encoder (``None``: all cores or one fewer, whichever
+            the first batches show to be faster while the readers run).
+        block_reads: read cells that tile the raster a grid row at a time when they can be
+            (same values; ``False`` reads every cell on its own).
     """
 
     raster: str
@@ -79,6 +106,11 @@ class SearchParams:
     max_cells: int = DEFAULT_MAX_CELLS
     force: bool = False
     top_k: int = 10
+    cache_dir: str | None = None
+    reader_threads: int | None = None
+    amp: bool = False
+    torch_threads: int | None = None
+    block_reads: bool = True
 
 
 @dataclass
@@ -159,53 +191,154 @@ def plan_grid(params: SearchParams, references: list[ReferenceImage] | None = No
     return info, grid
 
 
-def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, band: int | None = None,
-                       prefetch: int = 2, stop: threading.Event | None = None):
-    """Yield ``(indices, patches, valid_fraction)`` batches, read by a background thread.
+@dataclass(frozen=True)
+class ReadPlan:
+    """How the cells' pixels are read.
 
-    The reader thread owns its own GDAL handle and stays ``prefetch`` batches ahead, so
-    decoding and resampling overlap the encoder.
+    ``block``: every cell is an axis-aligned, whole-pixel window of exactly ``size`` x ``size``
+    raster pixels (no resampling), at whole-pixel steps, inside the raster; then the cells of
+    one grid row in a batch are read with one windowed read and sliced (identical values,
+    one GDAL call instead of one per cell). Otherwise each cell is read (and resampled) on
+    its own.
     """
+
+    block: bool
+    col0: int = 0
+    row0: int = 0
+    step_px: int = 0
+    step_py: int = 0
+
+
+def plan_reads(info: RasterInfo, grid: CellGrid, size: int, transform=None) -> ReadPlan:
+    """Decide whether the cells can be read in blocks (see :class:`ReadPlan`)."""
+    if transform is None:
+        import rasterio
+
+        with rasterio.open(info.path) as ds:
+            transform = ds.transform
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+    if b != 0 or d != 0 or a <= 0 or e >= 0 or len(grid) == 0:
+        return ReadPlan(False)
+
+    def whole(v: float) -> int | None:
+        r = round(v)
+        return int(r) if abs(v - r) < 1e-6 else None
+
+    col0, row0 = whole((grid.origin_x - c) / a), whole((f - grid.origin_y) / -e)
+    cw, ch = whole(grid.cell_w / a), whole(grid.cell_h / -e)
+    sx, sy = whole(grid.step_x / a), whole(grid.step_y / -e)
+    if None in (col0, row0, cw, ch, sx, sy) or cw != size or ch != size or sx < 1 or sy < 1:
+        return ReadPlan(False)
+    last_col = col0 + int(grid.cols.max()) * sx + cw
+    last_row = row0 + int(grid.rows.max()) * sy + ch
+    if col0 < 0 or row0 < 0 or last_col > info.width or last_row > info.height:
+        return ReadPlan(False)
+    return ReadPlan(True, col0, row0, sx, sy)
+
+
+def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
+               plan: ReadPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Grey patches ``(n, size, size)`` in [0, 1] and valid fractions ``(n,)`` of cells ``idx``."""
+    patches = np.empty((idx.size, size, size), dtype=np.float32)
+    valid = np.empty(idx.size, dtype=np.float32)
+    if not plan.block:
+        for j, b in enumerate(grid.bounds_array(idx)):
+            patches[j], valid[j] = reader.read_bounds(tuple(b), size)
+        return patches, valid
+    rows, cols = grid.rows[idx], grid.cols[idx]
+    # One read per grid row of the batch: the strip from its first to its last cell.
+    for r in np.unique(rows):
+        sel = np.nonzero(rows == r)[0]
+        c_lo, c_hi = int(cols[sel].min()), int(cols[sel].max())
+        width = (c_hi - c_lo) * plan.step_px + size
+        grey, ok = reader.read_region(plan.col0 + c_lo * plan.step_px, plan.row0 + int(r) * plan.step_py,
+                                      width, size, width, size)
+        for j in sel:
+            x = (int(cols[j]) - c_lo) * plan.step_px
+            patches[j] = grey[:, x:x + size]
+            valid[j] = ok[:, x:x + size].mean()
+    return patches, valid
+
+
+def default_reader_threads() -> int:
+    """Reader threads: two, or half the cores up to 8 (a GPU encoder needs many readers)."""
+    return max(2, min(8, (os.cpu_count() or 1) // 2))
+
+
+def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, band: int | None = None,
+                       prefetch: int = 2, stop: threading.Event | None = None, threads: int | None = None,
+                       block_reads: bool | None = None, prepare=None):
+    """Yield ``(indices, patches, valid_fraction)`` batches in order, read by background threads.
+
+    Each reader thread owns its own GDAL handle (GDAL releases the GIL while it reads), and
+    together they stay at most ``threads + prefetch`` batches ahead of the consumer, so memory
+    depends on the batch size, not on the number of cells.
+
+    Args:
+        threads: reader threads (``None``: :func:`default_reader_threads`).
+        block_reads: read cells that tile the raster in blocks (``None``: when possible).
+        prepare: optional ``f(idx, patches, valid) -> item`` run in the reader thread (e.g.
+            normalisation); its result is yielded instead of ``(idx, patches, valid)``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     stop = stop or threading.Event()
-    q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     n = len(grid)
+    threads = max(1, int(threads or default_reader_threads()))
+    info = describe_raster(raster)
+    plan = ReadPlan(False)
+    if block_reads is not False:
+        plan = plan_reads(info, grid, size)
+    with GreyReader(raster, band=band) as first:
+        stretch = (first.lo, first.hi)  # computed once, shared by every reader thread
+        bands = len(first.bands)
+    # Source bytes a cell costs (roughly); a reader is reopened after READER_REOPEN_BYTES so
+    # GDAL's block cache (global, up to 5 % of RAM by default) does not grow with the area:
+    # closing a dataset drops its cached blocks.
+    px_w, px_h = info.res
+    cell_bytes = max(1.0, (grid.cell_w / px_w) * (grid.cell_h / px_h) * bands)
+    local = threading.local()
+    readers: list[GreyReader] = []
+    lock = threading.Lock()
 
-    def reader() -> None:
-        try:
-            with GreyReader(raster, band=band) as r:
-                for start in range(0, n, batch_size):
-                    if stop.is_set():
-                        return
-                    idx = np.arange(start, min(start + batch_size, n))
-                    bounds = grid.bounds_array(idx)
-                    patches = np.empty((idx.size, size, size), dtype=np.float32)
-                    valid = np.empty(idx.size, dtype=np.float32)
-                    for j, b in enumerate(bounds):
-                        patches[j], valid[j] = r.read_bounds(tuple(b), size)
-                    while not stop.is_set():
-                        try:
-                            q.put((idx, patches, valid), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-        except BaseException as exc:  # hand errors to the consumer
-            q.put(exc)
-            return
-        q.put(None)
+    def job(start: int):
+        if stop.is_set():
+            return None
+        reader = getattr(local, "reader", None)
+        if reader is not None and local.read_bytes > READER_REOPEN_BYTES:
+            reader.close()
+            reader = None
+        if reader is None:
+            reader = local.reader = GreyReader(raster, band=band, stretch=stretch)
+            local.read_bytes = 0.0
+            with lock:
+                readers.append(reader)
+        idx = np.arange(start, min(start + batch_size, n))
+        patches, valid = read_cells(reader, grid, idx, size, plan)
+        local.read_bytes += idx.size * cell_bytes
+        return prepare(idx, patches, valid) if prepare else (idx, patches, valid)
 
-    thread = threading.Thread(target=reader, name="analog-reader", daemon=True)
-    thread.start()
+    starts = iter(range(0, n, batch_size))
+    pending: collections.deque = collections.deque()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="analog-reader")
     try:
-        while True:
-            item = q.get()
+        for start in itertools.islice(starts, threads + max(0, prefetch)):
+            pending.append(pool.submit(job, start))
+        while pending:
+            item = pending.popleft().result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append(pool.submit(job, nxt))
             if item is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+        for reader in readers:
+            reader.close()
 
 
 def score_embeddings(embeddings: np.ndarray, reference_embeddings: np.ndarray,
@@ -266,47 +399,51 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     for path, what in ((out_raster, "output raster"), (out_cells, "output cell layer")):
         if path:
             check_destination(path, what)
+    cache = EmbeddingCache(params.cache_dir) if params.cache_dir else None
     describe_raster(params.raster)  # a missing/unreadable raster is named before the model loads
     encoder = encoder or load_model(params.model, params.device)
     size = encoder.input_size
     references = load_references(params.references, size, params.reference_resolution_m)
     info, grid = plan_grid(params, references, feedback)
     n = len(grid)
-    feedback.log(f"Device: {encoder.device}; model: {encoder.path or 'in memory'}")
+    feedback.log(f"Device: {describe_device(encoder.device)}; model: {encoder.path or 'in memory'}")
     feedback.log(f"Cells: {n:,} of {grid.cell_size_m:g} m (grid {grid.n_rows} x {grid.n_cols}); "
                  f"references: {len(references)}")
     check_cancelled(feedback)
 
     ref_emb = encoder.embed(np.stack([r.patch for r in references]))
+    min_valid = 1.0 - params.max_nodata
+    amp_dtype = _amp_dtype(encoder, params.amp)
+    precision = f"amp-{str(amp_dtype).replace('torch.', '')}" if amp_dtype is not None else "fp32"
     dissimilarity = np.full(n, np.nan, dtype=np.float32)
     valid_fraction = np.zeros(n, dtype=np.float32)
     nearest = np.full(n, -1, dtype=np.int32)
-    encode_s = 0.0
-    done = 0
-    stop = threading.Event()
-    batches = iter_patch_batches(params.raster, grid, size, params.batch_size, params.band, stop=stop)
-    try:
-        for idx, patches, valid in batches:
-            check_cancelled(feedback)
-            valid_fraction[idx] = valid
-            ok = valid >= 1.0 - params.max_nodata
-            if ok.any():
-                t = time.perf_counter()
-                emb = encoder.embed_tensor(encoder.to_tensor(patches[ok]))
-                encode_s += time.perf_counter() - t
-                d, near = score_embeddings(emb, ref_emb, params.aggregate)
-                dissimilarity[idx[ok]] = d
-                nearest[idx[ok]] = near
-            done += idx.size
-            elapsed = time.perf_counter() - t0
-            feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(elapsed, 1e-9):,.0f} cells/s")
-    finally:
-        stop.set()
-        batches.close()
+    extra: dict = {"cache": "off", "cells_read": 0, "precision": precision}
+    key = facts = hit = None
+    if cache is not None:
+        key, facts = cache_key(params.raster, grid, params.band, model_fingerprint(encoder), precision)
+        hit = cache.lookup(key, n, encoder.embedding_dim, min_valid)
+        extra["cache"] = "hit" if hit is not None else "miss"
+    if cache is not None and hit is not None:
+        feedback.log(f"Embeddings of these {n:,} cells come from the cache ({cache.folder}); only distances are "
+                     "computed")
+        encode_s = _score_cached(hit, ref_emb, params.aggregate, min_valid, dissimilarity, valid_fraction, nearest,
+                                 feedback)
+    else:
+        writer = cache.writer(key, n, encoder.embedding_dim, facts) if cache is not None else None
+        try:
+            encode_s = _encode_stream(params, encoder, grid, ref_emb, min_valid, amp_dtype, dissimilarity,
+                                      valid_fraction, nearest, extra, writer, feedback, t0)
+            if writer is not None:
+                writer.commit(min_valid)
+                writer = None
+        finally:
+            if writer is not None:
+                writer.discard()
     rank, pct = rank_scores(dissimilarity)
     seconds = time.perf_counter() - t0
     result = SearchResult(grid, dissimilarity, valid_fraction, nearest, rank, pct, references, str(encoder.device),
-                          encoder.path, seconds, encode_s)
+                          encoder.path, seconds, encode_s, extra)
     skipped = int((~result.scored).sum())
     feedback.log(f"Scored {n - skipped:,} cells ({skipped:,} skipped as mostly nodata) in {seconds:.1f} s: "
                  f"{result.cells_per_s:,.0f} cells/s on {encoder.device}")
@@ -317,6 +454,173 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     if out_raster or out_cells:
         write_outputs(result, out_raster, out_cells, params)
     return result
+
+
+def describe_device(device) -> str:
+    """The device in words for the log: its name, and the CPU threads torch uses."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
+def _amp_dtype(encoder: AnalogEncoder, amp: bool):
+    """Mixed-precision type on CUDA when asked for (bfloat16 where supported), else ``None``."""
+    if not amp or encoder.device.type != "cuda":
+        return None
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _embed_batch(encoder: AnalogEncoder, x, amp_dtype) -> np.ndarray:
+    """Embed a normalised ``(N, 1, S, S)`` CPU tensor (pinned on CUDA); ``(N, D)`` float32."""
+    if amp_dtype is None:
+        return encoder.embed_tensor(x)
+    import torch
+
+    with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=amp_dtype):
+        z = encoder.network(x.to(encoder.device, non_blocking=True))
+    return z.float().cpu().numpy()
+
+
+def _encode_stream(params: SearchParams, encoder: AnalogEncoder, grid: CellGrid, ref_emb: np.ndarray,
+                   min_valid: float, amp_dtype, dissimilarity: np.ndarray, valid_fraction: np.ndarray,
+                   nearest: np.ndarray, extra: dict, writer: CacheWriter | None, feedback: Feedback,
+                   t0: float) -> float:
+    """Read, normalise, encode and score every cell, batch by batch; returns the encoding seconds.
+
+    Reader threads read and normalise (and pin, on CUDA) the next batches while this thread
+    runs the encoder, so only ``threads + prefetch`` batches of pixels exist at any time.
+    """
+    n = len(grid)
+    size = encoder.input_size
+    pin = encoder.device.type == "cuda"
+
+    def prepare(idx, patches, valid):
+        ok = valid >= min_valid
+        x = encoder.to_tensor(patches[ok]) if ok.any() else None
+        if x is not None and pin:
+            x = x.pin_memory()
+        return idx, valid, ok, x
+
+    threads = params.reader_threads or default_reader_threads()
+    extra["reader_threads"] = threads
+    block = params.block_reads and plan_reads(describe_raster(params.raster), grid, size).block
+    extra["read_mode"] = "block" if block else "cell"
+    feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; precision {extra['precision']}")
+    encode_s = 0.0
+    done = 0
+    stop = threading.Event()
+    tuner = _TorchThreads(encoder.device, params.torch_threads)
+    batches = iter_patch_batches(params.raster, grid, size, params.batch_size, params.band, stop=stop,
+                                 threads=threads, block_reads=block, prepare=prepare)
+    try:
+        last = time.perf_counter()
+        for idx, valid, ok, x in batches:
+            check_cancelled(feedback)
+            valid_fraction[idx] = valid
+            emb = None
+            if x is not None:
+                t = time.perf_counter()
+                emb = _embed_batch(encoder, x, amp_dtype)
+                encode_s += time.perf_counter() - t
+                d, near = score_embeddings(emb, ref_emb, params.aggregate)
+                dissimilarity[idx[ok]] = d
+                nearest[idx[ok]] = near
+            if writer is not None:
+                writer.store(idx, valid, ok, emb)
+            done += idx.size
+            extra["cells_read"] = done
+            now = time.perf_counter()
+            tuner.batch_done(idx.size, now - last)
+            last = now
+            feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(now - t0, 1e-9):,.0f} cells/s")
+    finally:
+        stop.set()
+        batches.close()
+        tuner.restore()
+    extra["torch_threads"] = tuner.chosen
+    if tuner.trials:
+        tried = ", ".join(f"{k}: {v:,.0f} cells/s" for k, v in tuner.trials.items())
+        feedback.log(f"CPU threads for the encoder: {tried}; kept {tuner.chosen}")
+    return encode_s
+
+
+class _TorchThreads:
+    """Torch's CPU threads during a search.
+
+    By default torch runs one thread per core, but the reader threads need CPU too, and an
+    encoder thread that waits for a busy core stalls all the others: on a loaded machine one
+    thread fewer can be several times faster. So, unless a number is given, the first batches
+    are timed (wall clock, reading included) with all cores and with one fewer, and the faster
+    is kept. The setting is restored afterwards.
+    """
+
+    TRIAL_BATCHES = 1
+
+    def __init__(self, device, fixed: int | None) -> None:
+        import torch
+
+        self._torch = torch
+        self.before = torch.get_num_threads()
+        self.trials: dict[int, float] = {}
+        self._plan: list[int] = []
+        self._stats: dict[int, list[float]] = {}
+        self._skip = 1  # the first batch warms up caches and allocators
+        if device.type != "cpu":
+            self.chosen = self.before
+        elif fixed:
+            self.chosen = max(1, int(fixed))
+        elif self.before > 1:
+            self._plan = [self.before] * self.TRIAL_BATCHES + [self.before - 1] * self.TRIAL_BATCHES
+            self.chosen = self.before
+        else:
+            self.chosen = self.before
+        torch.set_num_threads(self.chosen)
+
+    def batch_done(self, cells: int, seconds: float) -> None:
+        """Record a batch's wall time; switch threads while trying, then keep the faster."""
+        if not self._plan:
+            return
+        if self._skip:
+            self._skip -= 1
+            return
+        current = self._plan.pop(0)
+        stat = self._stats.setdefault(current, [0.0, 0.0])
+        stat[0] += cells
+        stat[1] += seconds
+        if self._plan:
+            nxt = self._plan[0]
+        else:
+            self.trials = {k: c / max(t, 1e-9) for k, (c, t) in self._stats.items()}
+            nxt = max(self.trials, key=self.trials.get)
+            self.chosen = nxt
+        if nxt != self._torch.get_num_threads():
+            self._torch.set_num_threads(nxt)
+
+    def restore(self) -> None:
+        self._torch.set_num_threads(self.before)
+
+
+def _score_cached(hit: CachedEmbeddings, ref_emb: np.ndarray, aggregate: str, min_valid: float,
+                  dissimilarity: np.ndarray, valid_fraction: np.ndarray, nearest: np.ndarray,
+                  feedback: Feedback, chunk: int = 1 << 16) -> float:
+    """Distances from cached embeddings, chunk by chunk (the file stays memory-mapped)."""
+    t = time.perf_counter()
+    n = len(dissimilarity)
+    valid_fraction[:] = hit.valid_fraction
+    for start in range(0, n, chunk):
+        check_cancelled(feedback)
+        sl = slice(start, min(start + chunk, n))
+        ok = np.nonzero(valid_fraction[sl] >= min_valid)[0] + start
+        if ok.size:
+            d, near = score_embeddings(hit.embeddings[ok], ref_emb, aggregate)
+            dissimilarity[ok] = d
+            nearest[ok] = near
+        feedback.progress(sl.stop / n, f"{sl.stop:,}/{n:,} cells (cached embeddings)")
+    return time.perf_counter() - t
 
 
 def write_outputs(result: SearchResult, out_raster: str | None, out_cells: str | None,

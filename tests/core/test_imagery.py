@@ -85,7 +85,8 @@ def test_mars_reference_ground_size():
 
 def test_plain_jpeg_reference_has_no_ground_size_unless_given():
     assert load_references([str(SAMPLE_HIRISE[0])], 100)[0].ground_size_m is None
-    assert load_references([str(SAMPLE_HIRISE[0])], 100, resolution_m=0.25)[0].ground_size_m == pytest.approx(227 * 0.25)
+    ref = load_references([str(SAMPLE_HIRISE[0])], 100, resolution_m=0.25)[0]
+    assert ref.ground_size_m == pytest.approx(227 * 0.25)
 
 
 def test_no_reference():

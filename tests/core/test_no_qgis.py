@@ -19,7 +19,8 @@ def test_no_qgis_import_statement_under_core():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
-            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("qgis", "PyQt5", "PyQt6")]
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] in ("qgis", "PyQt5", "PyQt6")]
     assert not offenders, offenders
 
 

@@ -1,0 +1,399 @@
+"""``bench``: how fast the search runs, against the encoder alone and a naive loop.
+
+One run makes its own rasters (a multi-scale texture, tiled GeoTIFF, some nodata) and prints:
+
+* end-to-end cells/s of :func:`run_search` (outputs written) and the model-only bound (the
+  encoder alone on a tensor already in memory, same batch size), and their ratio;
+* the same search written the naive way (open, read, encode one cell at a time) and the
+  speed-up over it;
+* peak RSS at three area sizes, each measured in a fresh subprocess (``VmHWM``);
+* the time of a second search of the largest area with another reference, from cached
+  embeddings.
+
+Its last line is one JSON object with those figures. It is a measurement, not a test: the
+figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["register_cli", "make_bench_raster", "make_bench_model", "peak_rss_mb", "run_benchmark"]
+
+PIXEL_M = 30.0
+BENCH_CRS = "EPSG:32646"  # UTM 46N: the Qaidam Basin's zone
+
+
+# -- inputs -----------------------------------------------------------------------------
+def _texture(n: int = 1024, seed: int = 0) -> np.ndarray:
+    """A multi-scale (1/f) random texture in [0, 1], like natural ground."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(n)
+    k = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    k[0, 0] = 1.0
+    spec = (rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))) / k ** 1.2
+    img = np.fft.ifft2(spec).real
+    return ((img - img.min()) / (img.max() - img.min())).astype(np.float32)
+
+
+def make_bench_raster(path: str | os.PathLike, cells_side: int, cell_px: int, bands: int = 3,
+                      seed: int = 0) -> str:
+    """Write a square ``cells_side * cell_px`` px uint8 GeoTIFF (30 m pixels, UTM, nodata 0).
+
+    The texture is a 1024 px tile, turned and flipped at random across the raster; a corner
+    strip (~3 % of the area) is nodata, so some cells are skipped as in real imagery.
+    """
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    side = cells_side * cell_px
+    tex = _texture(1024, seed)
+    rng = np.random.default_rng(seed)
+    profile = dict(driver="GTiff", width=side, height=side, count=bands, dtype="uint8", crs=BENCH_CRS,
+                   transform=from_origin(300000.0, 4200000.0, PIXEL_M, PIXEL_M), nodata=0, tiled=True,
+                   blockxsize=256, blockysize=256)
+    hole_w, hole_h = max(1, side // 6), max(1, side // 6)
+    with rasterio.open(path, "w", **profile) as dst:
+        for r0 in range(0, side, 1024):
+            for c0 in range(0, side, 1024):
+                h, w = min(1024, side - r0), min(1024, side - c0)
+                t = np.rot90(tex, int(rng.integers(4)))
+                if rng.integers(2):
+                    t = t[::-1]
+                g = (1 + 254 * t[:h, :w]).astype(np.uint8)
+                if r0 < hole_h and c0 < hole_w:
+                    g[: hole_h - r0, : hole_w - c0] = 0
+                data = np.stack([g, np.maximum(g * 0.9, 1).astype(np.uint8) * (g > 0),
+                                 np.maximum(g * 0.8, 1).astype(np.uint8) * (g > 0)][:bands])
+                dst.write(data, window=Window(c0, r0, w, h))
+    return str(path)
+
+
+def make_reference_png(path: str | os.PathLike, size: int, seed: int) -> str:
+    """A grey PNG texture to search for (not georeferenced)."""
+    from PIL import Image
+
+    t = _texture(256, seed)
+    if size > 256:
+        t = np.kron(t, np.ones((math.ceil(size / 256),) * 2))
+    t = t[:size, :size]
+    Image.fromarray((t * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def make_bench_model(kind: str, folder: str | os.PathLike) -> tuple[str, str]:
+    """A model file for the bench and how it is described.
+
+    ``kind``: ``shipped`` (the shipped model; an untrained compact network of the same
+    default architecture when it does not exist yet), ``untrained`` (that network),
+    ``tiny`` (a compact network with 4 and 8 filters on 32 px patches: fast, for memory
+    runs), or a model file path.
+    """
+    from .encoder import ModelMetadata, build_network, default_model_path, save_model
+
+    folder = Path(folder)
+    if kind not in ("shipped", "untrained", "tiny"):
+        return str(kind), f"model file {kind}"
+    if kind == "shipped" and default_model_path().exists():
+        return str(default_model_path()), f"shipped model {default_model_path().name}"
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "tiny":
+        path = folder / "bench_tiny.pt"
+        save_model(path, build_network("compact", 32, embedding_dim=8, widths=(4, 8)),
+                   ModelMetadata("compact", 32, 8, {"widths": [4, 8]}, description="bench: tiny, untrained"))
+        return str(path), "tiny untrained compact network (4, 8 filters; 32 px input)"
+    path = folder / "bench_untrained_compact.pt"
+    save_model(path, build_network("compact", 100, embedding_dim=32),
+               ModelMetadata("compact", 100, 32, {"widths": [16, 32, 64, 128]},
+                             description="bench: untrained, default compact architecture"))
+    why = " (the shipped model does not exist yet)" if kind == "shipped" else ""
+    return str(path), f"untrained compact network, default architecture{why}"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (``VmHWM``; ``ru_maxrss`` elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+# -- measurements ------------------------------------------------------------------------
+def _model_only(encoder, x, cells: int) -> tuple[float, int]:
+    """Cells/s of the encoder alone on a tensor already in memory, and the CPU threads used.
+
+    On CPU it is timed with torch's threads (one per core) and with one fewer, and the faster
+    counts: the bound is the best the encoder can do on its own.
+    """
+    import torch
+
+    from .search import _embed_batch
+
+    before = torch.get_num_threads()
+    options = [before, before - 1] if encoder.device.type == "cpu" and before > 1 else [before]
+    best = (0.0, before)
+    try:
+        for threads in options:
+            torch.set_num_threads(threads)
+            _embed_batch(encoder, x, None)  # warm-up
+            reps = max(1, math.ceil(cells / len(options) / len(x)))
+            t = time.perf_counter()
+            for _ in range(reps):
+                _embed_batch(encoder, x, None)
+            if encoder.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, (reps * len(x) / (time.perf_counter() - t), threads))
+    finally:
+        torch.set_num_threads(before)
+    return best
+
+
+def _naive(raster: str, grid, encoder, ref_emb: np.ndarray, min_valid: float, seconds: float,
+           max_cells: int) -> tuple[float, int]:
+    """The search written the naive way: for each cell, open the raster, read, encode alone."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.windows import from_bounds
+
+    from .encoder import normalise_patches
+
+    size = encoder.input_size
+    lum = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    t = time.perf_counter()
+    done = 0
+    for b in grid.bounds_array(np.arange(min(max_cells, len(grid)))):
+        with rasterio.open(raster) as ds:
+            win = from_bounds(*b, transform=ds.transform)
+            data = ds.read([1, 2, 3], window=win, out_shape=(3, size, size), resampling=Resampling.average)
+            mask = ds.read_masks(1, window=win, out_shape=(size, size))
+        grey = np.tensordot(lum, data.astype(np.float32), axes=1) / 255.0
+        if (mask > 0).mean() >= min_valid:
+            emb = encoder.embed_tensor(_tensor(normalise_patches(grey[None], encoder.metadata.normalisation)))
+            float(np.linalg.norm(emb - ref_emb[:1], axis=1).min())
+        done += 1
+        if time.perf_counter() - t > seconds:
+            break
+    return done / (time.perf_counter() - t), done
+
+
+def _tensor(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x[:, None]))
+
+
+def _search(raster: str, reference: str, cell_size_m: float, encoder, batch_size: int, out_dir: Path,
+            cache_dir: str | None = None, write: bool = True):
+    from .search import SearchParams, run_search
+
+    params = SearchParams(raster, reference, cell_size_m=cell_size_m, batch_size=batch_size, force=True,
+                          cache_dir=cache_dir)
+    tif, gpkg = (str(out_dir / "dissimilarity.tif"), str(out_dir / "cells.gpkg")) if write else (None, None)
+    t = time.perf_counter()
+    result = run_search(params, tif, gpkg, encoder=encoder)
+    return result, time.perf_counter() - t
+
+
+def rss_child(argv: list[str]) -> int:
+    """Subprocess: one search (outputs written, cache filled), then a cached re-query; prints JSON."""
+    p = argparse.ArgumentParser()
+    for name in ("raster", "reference", "requery_reference", "model", "out", "cache", "device"):
+        p.add_argument("--" + name.replace("_", "-"), required=True)
+    p.add_argument("--cell-size", type=float, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    a = p.parse_args(argv)
+    from .encoder import load_model
+
+    encoder = load_model(a.model, a.device)
+    base = peak_rss_mb()
+    out = Path(a.out)
+    result, seconds = _search(a.raster, a.reference, a.cell_size, encoder, a.batch_size, out, a.cache)
+    peak = peak_rss_mb()
+    again, requery = _search(a.raster, a.requery_reference, a.cell_size, encoder, a.batch_size, out, a.cache,
+                             write=False)
+    print(json.dumps({"cells": len(result.grid), "peak_rss_mb": round(peak, 1), "base_rss_mb": round(base, 1),
+                      "seconds": round(seconds, 3), "cells_per_s": round(len(result.grid) / seconds, 1),
+                      "requery_s": round(requery, 3), "requery_cache": again.extra.get("cache"),
+                      "read_mode": result.extra.get("read_mode")}))
+    return 0
+
+
+def _rss_run(cells: int, cell_px: int, model: str, device: str, batch_size: int, work: Path,
+             refs: tuple[str, str], log) -> dict:
+    side = max(2, math.ceil(math.sqrt(cells)))
+    folder = work / f"rss_{cells}"
+    folder.mkdir(exist_ok=True)
+    raster = make_bench_raster(folder / "area.tif", side, cell_px, bands=1, seed=cells)
+    cmd = [sys.executable, "-m", "siamese_analog_plugin.core.benchmark", "rss-child", "--raster", raster,
+           "--reference", refs[0], "--requery-reference", refs[1], "--model", model, "--out", str(folder),
+           "--cache", str(folder / "cache"), "--device", device, "--cell-size", str(cell_px * PIXEL_M),
+           "--batch-size", str(batch_size)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run of {cells} cells failed:\n{proc.stderr[-3000:]}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    log(f"  {figures['cells']:>7,} cells: peak RSS {figures['peak_rss_mb']:7.1f} MB (after model load "
+        f"{figures['base_rss_mb']:.1f} MB), {figures['cells_per_s']:,.0f} cells/s, cached re-query "
+        f"{figures['requery_s']:.3f} s ({figures['requery_cache']})")
+    for f in folder.glob("*.tif"):  # the rasters are large; the figures are what matter
+        f.unlink()
+    return figures
+
+
+def run_benchmark(cells: int = 4096, rss_cells: tuple[int, ...] = (1000, 10000, 100000), model: str = "shipped",
+                  rss_model: str = "auto", device: str = "auto", batch_size: int = 128, naive_seconds: float = 20.0,
+                  workdir: str | None = None, log=print) -> dict:
+    """Run every measurement and return the figures (see the module docstring)."""
+    from .encoder import load_model
+    from .imagery import load_references
+    from .search import SearchParams, describe_device, plan_grid
+
+    tmp = tempfile.TemporaryDirectory(prefix="analog-bench-") if workdir is None else None
+    work = Path(workdir or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        model_path, model_desc = make_bench_model(model, work)
+        encoder = load_model(model_path, device)
+        size = encoder.input_size
+        side = max(2, math.ceil(math.sqrt(cells)))
+        log(f"Model: {model_desc}; device {describe_device(encoder.device)}; batch {batch_size}")
+        raster = make_bench_raster(work / "area.tif", side, size, bands=3)
+        refs = (make_reference_png(work / "ref_a.png", size, 11), make_reference_png(work / "ref_b.png", size, 12))
+        cell_m = size * PIXEL_M
+        log(f"Raster: {side * size} x {side * size} px RGB (30 m), {side * side:,} cells of {cell_m:g} m")
+
+        # Model-only bound: a batch of this raster's real patches, already normalised in memory;
+        # measured before and after the search and averaged, as the machine's load drifts.
+        params = SearchParams(raster, refs[0], cell_size_m=cell_m, force=True)
+        _, grid = plan_grid(params)
+        from .imagery import GreyReader, describe_raster
+        from .search import plan_reads, read_cells
+
+        with GreyReader(raster) as reader:
+            patches, _ = read_cells(reader, grid, np.arange(min(batch_size, len(grid))), size,
+                                    plan_reads(describe_raster(raster), grid, size))
+        x = encoder.to_tensor(np.resize(patches, (batch_size, size, size)))
+        (model_a, threads_a) = _model_only(encoder, x, len(grid) // 2)
+        out = work / "e2e"
+        out.mkdir(exist_ok=True)
+        result, e2e_s = _search(raster, refs[0], cell_m, encoder, batch_size, out)
+        (model_b, threads_b) = _model_only(encoder, x, len(grid) // 2)
+        model_rate = (model_a + model_b) / 2
+        e2e_rate = len(grid) / e2e_s
+        log(f"End to end : {e2e_rate:10,.1f} cells/s ({len(grid):,} cells in {e2e_s:.1f} s, outputs written; "
+            f"{result.extra.get('read_mode')} reads, {result.extra.get('reader_threads')} reader threads)")
+        log(f"Model only : {model_rate:10,.1f} cells/s (encoder alone on an in-memory batch of {batch_size}; "
+            f"{model_a:,.1f} before, {model_b:,.1f} after, best of {threads_a}/{threads_b} CPU threads)")
+        log(f"             the search kept {result.extra.get('torch_threads')} encoder thread(s)")
+        log(f"Ratio      : {e2e_rate / model_rate:10.2f}")
+
+        ref_emb = encoder.embed(np.stack([r.patch for r in load_references(refs[0], size)]))
+        naive_rate, naive_n = _naive(raster, grid, encoder, ref_emb, 0.5, naive_seconds, len(grid))
+        log(f"Naive loop : {naive_rate:10,.1f} cells/s ({naive_n:,} cells: open, read, encode one at a time); "
+            f"speed-up {e2e_rate / naive_rate:.1f} x")
+
+        if rss_model == "auto":
+            # Memory does not depend on the encoder's speed; a slow one would make the largest
+            # area take too long here, so it is swapped for the tiny network when needed.
+            rss_model = model if e2e_rate * 120 >= max(rss_cells) else "tiny"
+        rss_path, rss_desc = make_bench_model(rss_model, work)
+        rss_size = load_model(rss_path, "cpu").input_size
+        rss_refs = (make_reference_png(work / "rss_ref_a.png", rss_size, 21),
+                    make_reference_png(work / "rss_ref_b.png", rss_size, 22))
+        log(f"Peak RSS (fresh process per size, single-band raster, outputs written, cache on; {rss_desc}):")
+        rss = {}
+        for n in rss_cells:
+            rss[n] = _rss_run(n, rss_size, rss_path, device, batch_size, work, rss_refs, log)
+        sizes = sorted(rss)
+        growth = rss[sizes[-1]]["peak_rss_mb"] - rss[sizes[0]]["peak_rss_mb"]
+        log(f"RSS growth {rss[sizes[0]]['cells']:,} -> {rss[sizes[-1]]['cells']:,} cells: {growth:.1f} MB")
+        figures = {
+            "e2e_cells_per_s": round(e2e_rate, 1),
+            "model_cells_per_s": round(model_rate, 1),
+            "ratio_to_model": round(e2e_rate / model_rate, 3),
+            "naive_cells_per_s": round(naive_rate, 2),
+            "speedup_vs_naive": round(e2e_rate / naive_rate, 1),
+            "peak_rss_mb": {str(rss[n]["cells"]): rss[n]["peak_rss_mb"] for n in sizes},
+            "rss_growth_mb": round(growth, 1),
+            "requery_s": rss[sizes[-1]]["requery_s"],
+            "requery_cells": rss[sizes[-1]]["cells"],
+            "cells": len(grid),
+            "batch_size": batch_size,
+            "model": model_desc,
+            "rss_model": rss_desc,
+            "device": describe_device(encoder.device),
+            "reader_threads": result.extra.get("reader_threads"),
+            "encoder_threads": result.extra.get("torch_threads"),
+            "read_mode": result.extra.get("read_mode"),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.node() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        return figures
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+# -- command line ------------------------------------------------------------------------
+def register_cli(subparsers) -> None:
+    """Add the ``bench`` sub-command."""
+    p = subparsers.add_parser("bench", help="measure the search's speed and memory",
+                              description="Make large rasters and measure: end-to-end cells/s vs the encoder alone, "
+                                          "vs a naive loop, peak memory at three area sizes, cached re-query time. "
+                                          "The last line printed is a JSON object of the figures.")
+    p.add_argument("--cells", type=int, help="cells of the speed run (default 4096; --quick: 144)")
+    p.add_argument("--rss-cells", help="comma-separated area sizes for memory (default 1000,10000,100000)")
+    p.add_argument("--model", default=None,
+                   help="shipped (default; an untrained network of its architecture when absent), untrained, tiny "
+                        "or a model file")
+    p.add_argument("--rss-model", default="auto",
+                   help="model of the memory runs: auto (the model when fast enough, else tiny), or as --model")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--naive-seconds", type=float, help="time given to the naive loop (default 20; --quick: 2)")
+    p.add_argument("--workdir", help="keep the rasters and outputs here (default: a temporary folder)")
+    p.add_argument("--quick", action="store_true", help="small sizes and the tiny model: a smoke run of seconds")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    quick = args.quick
+    cells = args.cells or (144 if quick else 4096)
+    rss = tuple(int(v) for v in args.rss_cells.split(",")) if args.rss_cells else \
+        ((100, 400, 1600) if quick else (1000, 10000, 100000))
+    model = args.model or ("tiny" if quick else "shipped")
+    naive = args.naive_seconds if args.naive_seconds is not None else (2.0 if quick else 20.0)
+    figures = run_benchmark(cells, rss, model, args.rss_model, args.device, args.batch_size, naive, args.workdir,
+                            log=lambda m: print(m, flush=True))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":  # the memory runs' subprocess
+    if len(sys.argv) > 1 and sys.argv[1] == "rss-child":
+        sys.exit(rss_child(sys.argv[2:]))
+    sys.exit(2)

@@ -1,0 +1,400 @@
+"""Training the Siamese encoder: pairs, the contrastive loss, the training loop, resuming.
+
+The paper's method: pairs of 100x100 normalised grey patches labelled similar or dissimilar,
+the contrastive loss with a margin, heavy augmentation (rotation, blur, scale, greyscale), a
+9:1 train/test split, Adam (lr 1e-3, weight decay 5e-4), batches of 64 pairs.
+
+Two choices make it fit a small CPU:
+
+* every image is decoded once into an in-memory uint8 cache (and a disk cache), and every view
+  is a fresh random augmentation made on tensors, so the paper's x10 expanded set is never
+  stored: an epoch of ``--augment 10`` draws 10 views per training image;
+* each batch of 64 labelled pairs (128 views) also scores every other pair of views in the
+  batch whose label the pair rules define, so one forward pass trains on thousands of pairs
+  and the hard ones (dissimilar but closer than the margin) drive the loss.
+
+Reproducible: the network initialisation and every epoch's draws are seeded from ``--seed`` and
+the epoch number, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import (
+    PairTable,
+    augment_batch,
+    default_data_root,
+    discover_dataset,
+    group_weights,
+    load_patches,
+    sample_pairs,
+    split_by_scene,
+    split_record,
+)
+from .errors import InputError
+
+__all__ = [
+    "TrainConfig",
+    "contrastive_loss",
+    "batch_pair_loss",
+    "train",
+    "state_path_for",
+    "default_cache_dir",
+    "register_cli",
+]
+
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "models" / "siamese_compact.pt"
+
+
+def default_cache_dir() -> Path:
+    """Where decoded patches are cached between runs (``$XDG_CACHE_HOME/siamese_analog_finder``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "siamese_analog_finder"
+
+
+def state_path_for(out: str | os.PathLike) -> Path:
+    """The training-state file written beside a model (``OUT.state.pt``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".state.pt") if out.suffix != ".pt" else out.with_suffix(".state.pt")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (the command-line options).
+
+    Attributes:
+        data: data folder. arch: ``compact`` or ``paper``. epochs: number of epochs.
+        batch_size: labelled pairs per batch. lr, weight_decay: Adam settings. margin: the
+        contrastive margin (embedding distance beyond which dissimilar pairs cost nothing).
+        seed: seeds the split, the initialisation and every draw. device: ``auto``/``cpu``/``cuda``.
+        out: model file to write. resume: training-state file to continue from. augment: views
+        per training image per epoch (the paper's x10). pairs_per_epoch: overrides the epoch
+        length in pairs. input_size: encoder input side. cache_size: side of the cached images
+        (views are cropped from them). embedding_dim: embedding size (architecture default when
+        ``None``). test_fraction: held-out share. schedule: ``cosine`` or ``constant`` lr.
+        cache_dir: decoded-patch cache (``None``: no disk cache). threads: torch CPU threads.
+        arch_params: extra architecture parameters.
+    """
+
+    data: str = field(default_factory=lambda: str(default_data_root()))
+    arch: str = "compact"
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    margin: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    out: str = str(DEFAULT_OUT)
+    resume: str | None = None
+    augment: int = 10
+    pairs_per_epoch: int | None = None
+    input_size: int = 100
+    cache_size: int = 128
+    embedding_dim: int | None = None
+    test_fraction: float = 0.1
+    schedule: str = "cosine"
+    cache_dir: str | None = None
+    threads: int = 2
+    arch_params: dict = field(default_factory=dict)
+    eval_pairs: int = 4000
+
+
+# -- loss ----------------------------------------------------------------------------------------
+
+def contrastive_loss(distance, label, margin: float):
+    """The contrastive loss of Hadsell et al. per pair.
+
+    ``y * d^2 + (1 - y) * max(0, margin - d)^2``: similar pairs (y=1) are pulled together,
+    dissimilar pairs are pushed apart until they are ``margin`` away, then cost nothing.
+    """
+    import torch
+
+    label = label.to(distance.dtype)
+    return label * distance.pow(2) + (1 - label) * torch.clamp(margin - distance, min=0).pow(2)
+
+
+def batch_pair_loss(z, group_ids, table_tensor, margin: float):
+    """Contrastive loss over every labelled pair of views in a batch.
+
+    Similar and dissimilar pairs are averaged separately and added, so the many dissimilar
+    pairs do not swamp the few similar ones; dissimilar pairs already beyond the margin cost
+    zero and are left out of their average (online hard-negative mining), so the hard ones
+    carry the gradient.
+
+    Args:
+        z: ``(B, D)`` embeddings.
+        group_ids: ``(B,)`` group index of each view.
+        table_tensor: ``(G, G)`` int tensor, 1 similar / 0 dissimilar / -1 ignored.
+        margin: the contrastive margin.
+
+    Returns:
+        ``(loss, stats)`` with stats the mean similar and dissimilar distances.
+    """
+    import torch
+
+    diff = z[:, None, :] - z[None, :, :]
+    d = torch.sqrt(diff.pow(2).sum(-1) + 1e-9)
+    labels = table_tensor[group_ids][:, group_ids]
+    upper = torch.triu(torch.ones_like(labels, dtype=torch.bool), diagonal=1)
+    pos = (labels == 1) & upper
+    neg = (labels == 0) & upper
+    loss = z.new_zeros(())
+    stats = {"d_similar": float("nan"), "d_dissimilar": float("nan")}
+    if pos.any():
+        loss = loss + contrastive_loss(d[pos], torch.ones_like(d[pos]), margin).mean()
+        stats["d_similar"] = float(d[pos].detach().mean())
+    if neg.any():
+        # Averaged over the dissimilar pairs still inside the margin: most in-batch negatives are
+        # easy (zero loss) and would otherwise dilute the few hard ones to nothing.
+        neg_loss = contrastive_loss(d[neg], torch.zeros_like(d[neg]), margin)
+        active = (neg_loss.detach() > 0).sum().clamp_min(1)
+        loss = loss + neg_loss.sum() / active
+        stats["d_dissimilar"] = float(d[neg].detach().mean())
+    return loss, stats
+
+
+# -- training ------------------------------------------------------------------------------------
+
+def _arch_params(config: TrainConfig) -> tuple[dict, int]:
+    params = dict(config.arch_params)
+    if config.arch == "compact":
+        dim = config.embedding_dim or 32
+        # Record every parameter in the model file, so later changes of defaults never break it.
+        from .encoder import COMPACT_DEFAULTS
+
+        for key, value in COMPACT_DEFAULTS.items():
+            params.setdefault(key, list(value) if isinstance(value, tuple) else value)
+    elif config.arch == "paper":
+        dim = config.embedding_dim or 5
+    else:
+        raise InputError(f"Unknown architecture '{config.arch}'", "Use --arch compact or --arch paper")
+    return params, dim
+
+
+def _save_state(path: Path, network, optimizer, epoch: int, history: list, config: TrainConfig) -> None:
+    import torch
+
+    payload = {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "history": json.dumps(history),
+        "config": json.dumps(asdict(config)),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, feedback=None) -> dict:
+    """Train an encoder and write it with :func:`save_model` (plus a state file and the split).
+
+    Args:
+        config: the settings.
+        feedback: a :class:`~.feedback.Feedback` for progress and per-epoch lines.
+
+    Returns:
+        A summary: final held-out metrics, history, paths, time taken.
+
+    Raises:
+        InputError: missing or empty data, an unknown architecture or device, a bad resume file.
+    """
+    import torch
+
+    from .devices import resolve_device
+    from .encoder import ModelMetadata, build_network, save_model
+    from .evaluation import build_eval_data, embed_with_network, score_embeddings
+    from .feedback import Feedback
+
+    fb = feedback or Feedback()
+    t_start = time.monotonic()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    if config.epochs < 1 or config.batch_size < 2:
+        raise InputError("Training needs at least one epoch and two pairs per batch", "Raise --epochs/--batch-size")
+    params, dim = _arch_params(config)
+
+    dataset = discover_dataset(config.data)
+    held_out = split_by_scene(dataset.records, config.seed, config.test_fraction)
+    train_records = [r for r, h in zip(dataset.records, held_out) if not h]
+    table = PairTable(dataset.groups())
+    fb.log(f"data: {len(dataset.records)} images in {len(table.groups)} classes ({dataset.layout} layout), "
+           f"{len(train_records)} for training, {sum(held_out)} held out (whole scenes, seed {config.seed})")
+    cache = None if config.cache_dir in (None, "") else config.cache_dir
+    images = torch.from_numpy(load_patches(train_records, config.cache_size, cache, fb, "training images"))
+    group_ids = np.array([table.index[r.group] for r in train_records])
+    eval_data = build_eval_data(dataset, held_out, config.input_size, config.seed, cache,
+                                n_pairs=config.eval_pairs, feedback=fb)
+
+    torch.manual_seed(config.seed)
+    network = build_network(config.arch, config.input_size, embedding_dim=dim, **params).to(device)
+    n_params = sum(p.numel() for p in network.parameters())
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    pairs_per_epoch = config.pairs_per_epoch or max(config.batch_size, config.augment * len(train_records) // 2)
+    steps = max(1, pairs_per_epoch // config.batch_size)
+    total_steps = steps * config.epochs
+    history: list[dict] = []
+    start_epoch = 0
+    out = Path(config.out)
+    state_file = state_path_for(out)
+    if config.resume:
+        try:
+            state = torch.load(config.resume, map_location="cpu", weights_only=True)
+            network.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:
+            raise InputError(f"Cannot resume from '{config.resume}': {exc}",
+                             "Give the .state.pt file a previous run with the same --arch wrote") from exc
+        start_epoch = int(state["epoch"])
+        history = json.loads(state["history"])
+        fb.log(f"resuming after epoch {start_epoch}")
+
+    def lr_at(step: int) -> float:
+        if config.schedule == "constant":
+            return config.lr
+        # Cosine decay to 5 % of the rate: big steps early, a settled model at the end.
+        return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+    table_t = torch.from_numpy(table.table.astype(np.int64)).to(device)
+    group_t = torch.from_numpy(group_ids)
+    fb.log(f"training {config.arch} ({n_params:,} parameters) on {device}: {config.epochs} epochs x {steps} "
+           f"batches of {config.batch_size} pairs, margin {config.margin}")
+    metrics: dict = history[-1]["held_out"] if history else {}
+    for epoch in range(start_epoch, config.epochs):
+        # Every epoch's draws depend only on (seed, epoch): resuming repeats them exactly.
+        rng = np.random.default_rng([config.seed, epoch])
+        gen = torch.Generator().manual_seed(config.seed * 100003 + epoch)
+        a, b, _ = sample_pairs(group_ids, table, steps * config.batch_size, rng, group_weights(table.groups))
+        network.train()
+        t_epoch = time.monotonic()
+        losses = []
+        for step in range(steps):
+            sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
+            idx = torch.from_numpy(np.concatenate([a[sl], b[sl]]))
+            views = augment_batch(images[idx], config.input_size, gen).to(device)
+            for pg in optimizer.param_groups:
+                pg["lr"] = lr_at(epoch * steps + step)
+            z = network(views)
+            loss, stats = batch_pair_loss(z, group_t[idx].to(device), table_t, config.margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            fb.progress((epoch * steps + step + 1) / total_steps,
+                        f"epoch {epoch + 1}/{config.epochs} batch {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f}")
+            if fb.cancelled():
+                raise InputError("Training was cancelled", "Resume it with --resume " + str(state_file))
+        network.eval()
+        metrics = score_embeddings(
+            embed_with_network(network, eval_data.patches, {"mode": "per_patch"}, device), eval_data,
+            embed_with_network(network, eval_data.train_patches, {"mode": "per_patch"}, device))
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.monotonic() - t_epoch, 1),
+               "held_out": {k: round(v, 4) for k, v in metrics.items()}}
+        history.append(row)
+        maps = " ".join(f"{k}={metrics[k]:.3f}" for k in ("cross_dune_map", "earth_to_mars_map", "mars_map",
+                                                          "earth_map") if k in metrics)
+        fb.log(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}  held-out pair accuracy "
+               f"{metrics['pair_accuracy']:.4f}  roc_auc {metrics['roc_auc']:.4f}  {maps}  ({row['seconds']} s)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _save_state(state_file, network, optimizer, epoch + 1, history, config)
+
+    split = split_record(dataset, held_out, config.seed, config.test_fraction)
+    trained_on = sorted({r.source for r in train_records})
+    meta = ModelMetadata(
+        architecture=config.arch, input_size=config.input_size, embedding_dim=dim, arch_params=params,
+        normalisation={"mode": "per_patch"},
+        training={
+            "data": {"root": "shared/data" if dataset.layout == "project" else dataset.root, "sources": trained_on,
+                     "classes": table.groups, "excluded": "HiRISE edge (no-data border crops)",
+                     "counts": split["counts"]},
+            "pairs": ["same class = similar", *table.describe(), "all other pairs = dissimilar"],
+            "loss": f"contrastive, margin {config.margin}, all labelled in-batch pairs",
+            "epochs": config.epochs, "pairs_per_epoch": steps * config.batch_size, "batch_size": config.batch_size,
+            "optimizer": f"Adam lr {config.lr} ({config.schedule}), weight decay {config.weight_decay}",
+            "augment": f"x{config.augment}: rotation (any angle, flips), crop 75-100 % (scale), blur, gamma, noise; "
+                       "greyscale luminance",
+            "seed": config.seed, "test_fraction": config.test_fraction,
+            "split": "whole scenes held out: HiRISE observation ids, AID images, dune-field *_test scenes",
+            "held_out_sha256": split["held_out_sha256"],
+            "threshold": round(float(metrics.get("threshold", config.margin / 2)), 4),
+            "held_out_metrics": {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_chance")},
+            "date": _dt.date.today().isoformat(),
+        },
+        description=(f"Siamese {config.arch} encoder trained on HiRISE, AID and dune-field imagery to match "
+                     "landforms across Mars and Earth (contrastive loss)"),
+    )
+    save_model(out, network, meta)
+    split_file = out.with_suffix(".split.json")
+    split_file.write_text(json.dumps(split, indent=1))
+    elapsed = time.monotonic() - t_start
+    fb.log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), {split_file.name}; state in {state_file.name}; "
+           f"{elapsed / 60:.1f} min")
+    return {"out": str(out), "state": str(state_file), "split": str(split_file), "metrics": metrics,
+            "history": history, "seconds": elapsed}
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .feedback import ConsoleFeedback
+
+    config = TrainConfig(
+        data=args.data, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, margin=args.margin, seed=args.seed, device=args.device,
+        out=args.out or str(DEFAULT_OUT if args.arch == "compact" else DEFAULT_OUT.with_name("siamese_paper.pt")),
+        resume=args.resume or None, augment=args.augment, pairs_per_epoch=args.pairs_per_epoch,
+        embedding_dim=args.embedding_dim, test_fraction=args.test_fraction, schedule=args.schedule,
+        cache_dir=None if args.no_cache else args.cache_dir, threads=args.threads)
+    train(config, ConsoleFeedback(quiet=args.quiet))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the ``train`` subcommand to the command line."""
+    p = subparsers.add_parser("train", help="Train a Siamese encoder on labelled image folders",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--data", default=d.data, help="data folder (default: %(default)s)")
+    p.add_argument("--arch", choices=("compact", "paper"), default="compact",
+                   help="compact (shipped default) or paper (the published 40 M-parameter network)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default %(default)s; the paper ran 300)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="labelled pairs per batch")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam weight decay")
+    p.add_argument("--margin", type=float, default=d.margin, help="contrastive margin")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split, initialisation and draws")
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--out", default="", help="model file to write (default: models/siamese_compact.pt)")
+    p.add_argument("--resume", default="", help="continue from a training-state file (OUT.state.pt)")
+    p.add_argument("--augment", type=int, default=d.augment, help="augmented views per image per epoch")
+    p.add_argument("--pairs-per-epoch", type=int, default=None,
+                   help="epoch length in pairs (default: augment x training images / 2)")
+    p.add_argument("--embedding-dim", type=int, default=None, help="embedding size (default: 32 compact, 5 paper)")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share (default 0.1)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule, help="learning-rate schedule")
+    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="decoded-patch cache (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="decode images without a disk cache")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_train)
+
+
+def _argv_main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience entry
+    parser = argparse.ArgumentParser(prog="train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    args = parser.parse_args(["train", *(argv or [])])
+    return args.func(args)

@@ -1,0 +1,100 @@
+"""QGIS glue: registers the Processing provider, the toolbar and menu, and the map tool.
+
+The plugin loads even when torch or another package is missing: the algorithms stay listed
+(and refuse to run with the install command), and the message bar says what to install.
+"""
+
+from __future__ import annotations
+
+from qgis.core import Qgis, QgsApplication, QgsMessageLog
+
+from .processing.base import install_hint, missing_dependencies
+
+__all__ = ["MENU", "TOOLBAR", "LOG_TAG", "SiameseAnalogPlugin"]
+
+MENU = "&Siamese Analog Finder"
+TOOLBAR = "Siamese Analog Finder"
+LOG_TAG = "Siamese Analog Finder"
+GUI_MODULE = f"{__package__}.gui.actions"
+
+
+class SiameseAnalogPlugin:
+    """The object QGIS gets from ``classFactory``.
+
+    Attributes:
+        iface: the QGIS interface.
+        provider: the Processing provider while loaded.
+        toolbar: the plugin's toolbar while loaded (the map tool adds its actions to it).
+        gui: the map-canvas face (``gui.actions.AnalogGui``) when that module is installed.
+        missing: pip names of missing dependencies found at load time.
+    """
+
+    MENU = MENU
+
+    def __init__(self, iface) -> None:
+        self.iface = iface
+        self.provider = None
+        self.toolbar = None
+        self.gui = None
+        self.missing: list[str] = []
+
+    # -- QGIS plugin API -------------------------------------------------------------------
+    def initProcessing(self) -> None:
+        """Register the provider (QGIS calls this for ``hasProcessingProvider=yes`` plugins)."""
+        if self.provider is not None:
+            return
+        from .processing.provider import SiameseAnalogProvider
+
+        provider = SiameseAnalogProvider()
+        if QgsApplication.processingRegistry().addProvider(provider):
+            self.provider = provider
+            # Reload once registered: the example model's steps can only find our algorithms
+            # (and so declare their outputs) when the provider is in the registry.
+            provider.refreshAlgorithms()
+        else:  # a provider with our id is already there (a second copy of the plugin)
+            QgsMessageLog.logMessage("The Processing provider 'siameseanalog' is already registered; "
+                                     "is the plugin installed twice?", LOG_TAG, Qgis.MessageLevel.Warning)
+
+    def initGui(self) -> None:
+        self.initProcessing()
+        self.toolbar = self.iface.addToolBar(TOOLBAR)
+        self.toolbar.setObjectName("SiameseAnalogFinderToolbar")
+        self._report_missing_dependencies()
+        try:
+            from .gui.actions import AnalogGui
+        except ModuleNotFoundError as exc:
+            if exc.name != GUI_MODULE:
+                raise
+            AnalogGui = None  # noqa: N806 - the map tool is not installed in this build
+        if AnalogGui is not None:
+            self.gui = AnalogGui(self.iface, self)
+            self.gui.initGui()
+
+    def unload(self) -> None:
+        if self.gui is not None:
+            try:
+                self.gui.unload()
+            finally:
+                self.gui = None
+        if self.toolbar is not None:
+            main = self.iface.mainWindow() if self.iface is not None else None
+            if main is not None and hasattr(main, "removeToolBar"):
+                main.removeToolBar(self.toolbar)
+            self.toolbar.hide()
+            self.toolbar.setParent(None)
+            self.toolbar.deleteLater()
+            self.toolbar = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _report_missing_dependencies(self) -> None:
+        self.missing = missing_dependencies()
+        if not self.missing:
+            return
+        hint = install_hint(self.missing)
+        QgsMessageLog.logMessage(hint, LOG_TAG, Qgis.MessageLevel.Warning)
+        bar = self.iface.messageBar() if self.iface is not None else None
+        if bar is not None:
+            bar.pushMessage(LOG_TAG, hint, level=Qgis.MessageLevel.Warning, duration=0)

@@ -1,0 +1,1 @@
+"""The Processing face: the ``siameseanalog`` provider and one module per algorithm."""

@@ -1,0 +1,216 @@
+"""What every Siamese Analog Finder algorithm shares: ids, translation, help, errors, feedback.
+
+Algorithms are thin adapters: they read parameters, call the engine in ``core`` and turn its
+errors into :class:`QgsProcessingException`. The engine is imported lazily (inside
+``processAlgorithm``) so the toolbox still lists the algorithms when torch or another
+dependency is missing; ``canExecute`` then says what to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+from qgis.core import QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeedback
+from qgis.PyQt.QtCore import QCoreApplication
+from qgis.PyQt.QtGui import QIcon
+
+from ..core.errors import AnalogFinderError, SearchCancelled
+from ..core.feedback import Feedback
+
+__all__ = [
+    "DEPENDENCIES",
+    "AnalogAlgorithm",
+    "ProcessingFeedbackAdapter",
+    "engine_errors",
+    "missing_dependencies",
+    "install_hint",
+    "plugin_icon",
+    "resource_path",
+]
+
+# module -> pip package. numpy/rasterio/shapely/pyproj/osgeo come with QGIS on most installs.
+DEPENDENCIES = {
+    "torch": "torch",
+    "numpy": "numpy",
+    "rasterio": "rasterio",
+    "shapely": "shapely",
+    "pyproj": "pyproj",
+    "matplotlib": "matplotlib",
+}
+HELP_URL = "https://github.com/siamese-analog-finder/siamese-analog-finder#readme"
+PLUGIN_DIR = Path(__file__).resolve().parent.parent
+
+
+def missing_dependencies(modules: dict[str, str] | None = None) -> list[str]:
+    """The pip names of required modules that cannot be imported (without importing them)."""
+    missing = []
+    for module, package in (modules or DEPENDENCIES).items():
+        if module in sys.modules:
+            if sys.modules[module] is None:  # blocked import: behaves as not installed
+                missing.append(package)
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def install_hint(packages: list[str]) -> str:
+    """A sentence telling exactly what to install, for messages and logs."""
+    names = " ".join(packages)
+    hint = (f"Siamese Analog Finder needs the Python package(s) {', '.join(packages)}, which are not installed "
+            f"in QGIS's Python. Install them with: python -m pip install {names}")
+    if "torch" in packages:
+        hint += (" (CPU-only torch, much smaller: python -m pip install torch --index-url "
+                 "https://download.pytorch.org/whl/cpu)")
+    hint += (". On Windows run this in the OSGeo4W Shell; on macOS/Linux use the python of QGIS "
+             "(QGIS > Python Console: import sys; sys.executable). Then restart QGIS.")
+    return hint
+
+
+def resource_path(*parts: str) -> Path:
+    """A file under ``resources/``: inside the installed plugin, else in the source checkout."""
+    for base in (PLUGIN_DIR / "resources", PLUGIN_DIR.parent / "resources"):
+        candidate = base.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    return PLUGIN_DIR.joinpath("resources", *parts)
+
+
+def plugin_icon() -> QIcon:
+    """The plugin's icon (empty icon when the file is missing)."""
+    path = resource_path("icon.svg")
+    return QIcon(str(path)) if path.exists() else QIcon()
+
+
+class ProcessingFeedbackAdapter(Feedback):
+    """Engine :class:`~..core.feedback.Feedback` over a ``QgsProcessingFeedback``.
+
+    Progress goes to the progress bar (and, a line per 10 %, to the log); log lines go to
+    ``pushInfo``; cancelling the dialog stops the engine at its next batch.
+
+    Args:
+        feedback: the Processing feedback (may be ``None``: silent, never cancelled).
+        start, end: the share of the progress bar this engine call fills (0..100).
+    """
+
+    def __init__(self, feedback: QgsProcessingFeedback | None, start: float = 0.0, end: float = 100.0) -> None:
+        self.feedback = feedback
+        self.start = start
+        self.end = end
+        self._last_tenth = -1
+        self.logs: list[str] = []
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        if self.feedback is None:
+            return
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        self.feedback.setProgress(self.start + (self.end - self.start) * fraction)
+        tenth = int(fraction * 10)
+        if message and tenth != self._last_tenth:
+            self._last_tenth = tenth
+            self.feedback.setProgressText(message)
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+        if self.feedback is not None:
+            self.feedback.pushInfo(message)
+
+    def cancelled(self) -> bool:
+        return self.feedback is not None and self.feedback.isCanceled()
+
+
+@contextlib.contextmanager
+def engine_errors(what: str = "The algorithm"):
+    """Turn engine errors into ``QgsProcessingException`` with the engine's own message.
+
+    ``AnalogFinderError`` messages already name the problem and the fix; a cancel becomes a
+    clear "cancelled, nothing written"; anything else is reported as a bug-like failure with
+    its text rather than a bare traceback.
+    """
+    try:
+        yield
+    except QgsProcessingException:
+        raise
+    except SearchCancelled as exc:
+        raise QgsProcessingException(f"{what} was cancelled. Nothing was written.") from exc
+    except AnalogFinderError as exc:
+        raise QgsProcessingException(str(exc)) from exc
+    except MemoryError as exc:
+        raise QgsProcessingException(f"{what} ran out of memory. Use a smaller batch size, a larger cell size "
+                                     "or a smaller area.") from exc
+    except ImportError as exc:
+        missing = [exc.name] if getattr(exc, "name", None) else missing_dependencies()
+        raise QgsProcessingException(install_hint(missing or ["torch"])) from exc
+
+
+class AnalogAlgorithm(QgsProcessingAlgorithm):
+    """Base class: subclasses set ``ALG_ID``, ``DISPLAY_NAME``, ``HELP`` and implement the rest."""
+
+    ALG_ID = ""
+    DISPLAY_NAME = ""
+    SHORT_DESCRIPTION = ""
+    HELP = ""
+    GROUP = "Mars analogs"
+    GROUP_ID = "marsanalogs"
+
+    def tr(self, text: str) -> str:
+        return QCoreApplication.translate(type(self).__name__, text)
+
+    def createInstance(self) -> AnalogAlgorithm:
+        return type(self)()
+
+    def name(self) -> str:
+        return self.ALG_ID
+
+    def displayName(self) -> str:
+        return self.tr(self.DISPLAY_NAME)
+
+    def group(self) -> str:
+        return self.tr(self.GROUP)
+
+    def groupId(self) -> str:
+        return self.GROUP_ID
+
+    def shortDescription(self) -> str:
+        return self.tr(self.SHORT_DESCRIPTION)
+
+    def shortHelpString(self) -> str:
+        return self.tr(self.HELP)
+
+    def helpUrl(self) -> str:
+        return HELP_URL
+
+    def icon(self) -> QIcon:
+        return plugin_icon()
+
+    def canExecute(self):
+        """Refuse to run (with the install command) when a required package is missing."""
+        missing = missing_dependencies()
+        if missing:
+            return False, install_hint(missing)
+        return True, ""
+
+    def check_dependencies(self) -> None:
+        """Raise the install hint as a ``QgsProcessingException`` (``processing.run`` skips ``canExecute``)."""
+        ok, message = self.canExecute()
+        if not ok:
+            raise QgsProcessingException(message)
+
+
+class Stopwatch:
+    """Seconds since creation, for log lines."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

@@ -1,0 +1,314 @@
+"""Processing algorithm ``siameseanalog:fewshotlandforms``: a landform map from a few labelled cells."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from qgis.core import (
+    QgsCategorizedSymbolRenderer,
+    QgsFeatureRequest,
+    QgsFillSymbol,
+    QgsGeometry,
+    QgsPalettedRasterRenderer,
+    QgsProcessing,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+    QgsRendererCategory,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtGui import QColor
+
+from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .layers import RenderedRasterSource, area_from_source, gdal_path
+
+__all__ = ["FewShotLandformAlgorithm", "ClassStyler", "style_class_raster", "style_class_cells"]
+
+RASTER_LAYER_NAME = "Landform classes"
+CELLS_LAYER_NAME = "Landform cells"
+
+
+def style_class_raster(layer, class_names: list[str], name: str | None = RASTER_LAYER_NAME):
+    """Paletted renderer: one colour per class (value i + 1), labelled with the class name."""
+    from ..core.fewshot import class_colours
+
+    classes = [QgsPalettedRasterRenderer.Class(i + 1, QColor(*rgb), cls)
+               for i, (cls, rgb) in enumerate(zip(class_names, class_colours(len(class_names))))]
+    renderer = QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes)
+    renderer.setOpacity(0.8)
+    layer.setRenderer(renderer)
+    if name:
+        layer.setName(name)
+    layer.triggerRepaint()
+    return layer
+
+
+def style_class_cells(layer, class_names: list[str], name: str | None = CELLS_LAYER_NAME):
+    """Categorised renderer on ``class``: the same colour per class as the raster, one legend entry each."""
+    from ..core.fewshot import class_colours
+
+    categories = []
+    for cls, rgb in zip(class_names, class_colours(len(class_names))):
+        symbol = QgsFillSymbol.createSimple({"color": ",".join(map(str, rgb)) + ",190", "outline_style": "no"})
+        categories.append(QgsRendererCategory(cls, symbol, cls))
+    layer.setRenderer(QgsCategorizedSymbolRenderer("class", categories))
+    if name:
+        layer.setName(name)
+    layer.triggerRepaint()
+    return layer
+
+
+class ClassStyler(QgsProcessingLayerPostProcessorInterface):
+    """Styles a class raster or cell layer once QGIS has loaded it (main thread).
+
+    QGIS holds only a raw pointer to a post-processor: every instance is kept alive here.
+    """
+
+    _alive: list = []
+
+    def __init__(self, kind: str, class_names: list[str]) -> None:
+        super().__init__()
+        self.kind = kind
+        self.class_names = list(class_names)
+
+    def postProcessLayer(self, layer, context, feedback) -> None:
+        if layer is None or not layer.isValid():
+            return
+        if self.kind == "raster":
+            style_class_raster(layer, self.class_names)
+        else:
+            style_class_cells(layer, self.class_names)
+
+    @classmethod
+    def create(cls, kind: str, class_names: list[str]) -> ClassStyler:
+        instance = cls(kind, class_names)
+        cls._alive.append(instance)
+        del cls._alive[:-256]
+        return instance
+
+
+class FewShotLandformAlgorithm(AnalogAlgorithm):
+    """Map landforms over an area from a few labelled examples (cosine-distance classifier)."""
+
+    ALG_ID = "fewshotlandforms"
+    DISPLAY_NAME = "Map landforms from a few examples"
+    SHORT_DESCRIPTION = "Label a few cells per landform; get a landform map of the whole area."
+
+    INPUT = "INPUT"
+    AREA = "AREA"
+    EXAMPLES = "EXAMPLES"
+    CLASS_FIELD = "CLASS_FIELD"
+    SUPPORT_FOLDER = "SUPPORT_FOLDER"
+    CELL_SIZE = "CELL_SIZE"
+    MODEL = "MODEL"
+    STRIDE = "STRIDE"
+    MIN_COVERAGE = "MIN_COVERAGE"
+    MAX_NODATA = "MAX_NODATA"
+    DEVICE = "DEVICE"
+    BATCH_SIZE = "BATCH_SIZE"
+    ALLOW_LARGE = "ALLOW_LARGE"
+    OUTPUT_RASTER = "OUTPUT_RASTER"
+    OUTPUT_CELLS = "OUTPUT_CELLS"
+    CELL_COUNT = "CELL_COUNT"
+    CLASSIFIED_COUNT = "CLASSIFIED_COUNT"
+    CLASSES = "CLASSES"
+
+    HELP = """<p>Maps landforms over a whole area from a <b>few labelled examples</b> (after SDFT, stepwise deep
+feature transfer). The area is cut into square <b>cells</b>; the Siamese encoder turns every cell into an
+embedding; each class is the normalised mean embedding of its examples (its <i>prototype</i>), and every cell
+gets the class whose prototype is closest in angle (<b>cosine</b>).</p>
+<h3>How to use it</h3>
+<ol>
+<li><b>Imagery</b>: the raster to map (a GeoTIFF, or a tile layer with an area and a cell size).</li>
+<li><b>Area</b> (optional): polygons to map; empty = the whole raster.</li>
+<li><b>Labelled examples</b>: a point or polygon layer with a <b>class field</b>. A point stands for the
+cell-sized square around it; a polygon for the cells inside it. Label a few cells (1-10) of each landform,
+including an "other" class for the rest. Or give a <b>folder of example images</b> instead,
+one sub-folder per class (<i>folder/crater/*.png</i>...).</li>
+<li><b>Cell size</b> in metres (empty: 100 raster pixels); the examples are read at the same size.</li>
+<li><b>Model</b>: empty for the shipped encoder, or a model from the stepwise transfer (the <i>transfer</i>
+command); a step-2 model carries its own classes, so the examples may then be left empty.</li>
+</ol>
+<h3>Outputs</h3>
+<p><b>Class raster</b>: one pixel per cell (GeoTIFF, byte; class i is value i, 0 = not classified), with a
+colour table and class names. <b>Cells</b>: GeoPackage polygons with <i>class</i>, <i>cosine</i> (similarity
+to the class prototype), <i>confidence</i> (softmax of the scaled cosines) and <i>margin</i> (best minus
+second-best cosine; small = ambiguous). Both load styled with one colour per class and a legend.
+Cancelling leaves no partial files.</p>"""
+
+    def initAlgorithm(self, config=None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Imagery to map")))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.AREA, self.tr("Area to map (empty: the whole raster)"), [QgsProcessing.TypeVectorPolygon],
+            optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.EXAMPLES, self.tr("Labelled examples (points or polygons)"),
+            [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterField(
+            self.CLASS_FIELD, self.tr("Class field of the examples"), parentLayerParameterName=self.EXAMPLES,
+            optional=True))
+        self.addParameter(QgsProcessingParameterFile(
+            self.SUPPORT_FOLDER, self.tr("Or: folder of example images (one sub-folder per class)"),
+            behavior=QgsProcessingParameterFile.Folder, optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.CELL_SIZE, self.tr("Cell size (metres; empty: 100 raster pixels)"),
+            QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0))
+        self.addParameter(QgsProcessingParameterFile(
+            self.MODEL, self.tr("Model file (empty: the shipped encoder)"), extension="pt", optional=True))
+        advanced = [
+            QgsProcessingParameterNumber(self.STRIDE, self.tr("Stride between cells (metres; empty: the cell size)"),
+                                         QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
+            QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the area"),
+                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
+            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with more nodata than"),
+                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
+            QgsProcessingParameterString(self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), "auto"),
+            QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together"),
+                                         QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
+            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
+                                          defaultValue=False),
+        ]
+        for param in advanced:
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(param)
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_RASTER, self.tr("Landform classes")))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT_CELLS, self.tr("Landform cells"), QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber(self.CELL_COUNT, self.tr("Number of cells")))
+        self.addOutput(QgsProcessingOutputNumber(self.CLASSIFIED_COUNT, self.tr("Number of cells classified")))
+        self.addOutput(QgsProcessingOutputString(self.CLASSES, self.tr("Classes (comma separated)")))
+
+    # -- main thread ---------------------------------------------------------------------
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:
+        """Resolve the imagery layer to a file on the main thread (QGIS layers belong to it)."""
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException("The imagery layer is missing or cannot be read. Choose a raster layer "
+                                         "that draws on the map.")
+        self._raster_path = gdal_path(layer)
+        self._rendered = None if self._raster_path else RenderedRasterSource(layer)
+        return True
+
+    # -- worker thread -------------------------------------------------------------------
+    def processAlgorithm(self, parameters, context, feedback):
+        self.check_dependencies()
+        out_raster = self.parameterAsOutputLayer(parameters, self.OUTPUT_RASTER, context)
+        out_cells = self.parameterAsOutputLayer(parameters, self.OUTPUT_CELLS, context)
+        if not out_raster.lower().endswith((".tif", ".tiff")):
+            raise QgsProcessingException(f"The class raster is written as a GeoTIFF, but '{out_raster}' is not a "
+                                         ".tif file. Give a file name ending in .tif.")
+        if not out_cells.lower().endswith(".gpkg"):
+            raise QgsProcessingException(f"The cells are written as a GeoPackage, but '{out_cells}' is not a .gpkg "
+                                         "file. Give a file name ending in .gpkg.")
+        adapter = ProcessingFeedbackAdapter(feedback)
+        work_dir = None
+        with engine_errors("The landform mapping"):
+            from ..core.encoder import load_model
+            from ..core.fewshot import FewShotParams, run_fewshot_map
+
+            support = self._support(parameters, context, feedback)
+            area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)
+            cell = self._optional_number(parameters, self.CELL_SIZE, context)
+            model = self.parameterAsFile(parameters, self.MODEL, context) or None
+            device = (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip()
+            encoder = load_model(model, device)
+            try:
+                raster = self._raster_path
+                if raster is None:
+                    if not cell:
+                        raise QgsProcessingException("The imagery is a tile/web layer: give a cell size in metres.")
+                    work_dir = tempfile.mkdtemp(prefix="siamese_fewshot_")
+                    raster = self._rendered.render(os.path.join(work_dir, "imagery.tif"), area, cell,
+                                                   encoder.input_size, feedback)
+                params = FewShotParams(
+                    raster=raster, area=area, cell_size_m=cell,
+                    stride_m=self._optional_number(parameters, self.STRIDE, context),
+                    min_coverage=self.parameterAsDouble(parameters, self.MIN_COVERAGE, context),
+                    max_nodata=self.parameterAsDouble(parameters, self.MAX_NODATA, context),
+                    model=model, device=device, batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                    force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context))
+                result = run_fewshot_map(params, support, out_raster, out_cells, adapter, encoder=encoder)
+            finally:
+                if work_dir:
+                    shutil.rmtree(work_dir, ignore_errors=True)
+        n, classified = len(result.grid), int(result.classified.sum())
+        feedback.pushInfo(f"Classified {classified:,} of {n:,} cells of {result.grid.cell_size_m:g} m in "
+                          f"{result.seconds:.1f} s on {result.device}: "
+                          + ", ".join(f"{k} {v:,}" for k, v in result.counts().items()))
+        self._style_on_load(context, out_raster, out_cells, result.class_names)
+        return {self.OUTPUT_RASTER: out_raster, self.OUTPUT_CELLS: out_cells, self.CELL_COUNT: n,
+                self.CLASSIFIED_COUNT: classified, self.CLASSES: ",".join(result.class_names)}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _support(self, parameters, context, feedback):
+        """Labelled features from the examples layer, or the image folder, or ``None`` (model's classes)."""
+        from ..core.fewshot import LabelledFeatures
+
+        folder = self.parameterAsFile(parameters, self.SUPPORT_FOLDER, context)
+        source = self.parameterAsSource(parameters, self.EXAMPLES, context)
+        if source is None:
+            return folder or None
+        if folder:
+            raise QgsProcessingException("Give either labelled examples (a layer) or a folder of example images, "
+                                         "not both.")
+        field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+        if not field:
+            raise QgsProcessingException("Choose the class field of the labelled examples (the field that holds "
+                                         "each example's landform name).")
+        if source.fields().lookupField(field) < 0:
+            raise QgsProcessingException(f"The labelled examples have no field '{field}'. Choose one of: "
+                                         f"{', '.join(source.fields().names())}.")
+        crs = source.sourceCrs()
+        if not crs.isValid():
+            raise QgsProcessingException("The labelled examples have no coordinate reference system. Set the "
+                                         "layer's CRS and run again.")
+        from shapely import wkb
+
+        items, ids = [], []
+        request = QgsFeatureRequest().setSubsetOfAttributes([field], source.fields())
+        for feature in source.getFeatures(request):
+            if feedback is not None and feedback.isCanceled():
+                break
+            value = feature[field]
+            geom = feature.geometry()
+            if value is None or str(value).strip() in ("", "NULL") or geom is None or geom.isEmpty():
+                continue
+            if QgsWkbTypes.isCurvedType(geom.wkbType()):
+                geom = QgsGeometry(geom.constGet().segmentize())
+            items.append((wkb.loads(bytes(geom.asWkb())), str(value).strip()))
+            ids.append(feature.id())
+        if not items:
+            raise QgsProcessingException(f"No labelled example has a value in '{field}' (or none is selected while "
+                                         "'Selected features only' is on). Label a few cells per landform.")
+        return LabelledFeatures(items, crs.toWkt(), ids)
+
+    def _optional_number(self, parameters, name: str, context) -> float | None:
+        value = parameters.get(name)
+        if value is None or value == "":
+            return None
+        number = self.parameterAsDouble(parameters, name, context)
+        return number if number > 0 else None
+
+    def _style_on_load(self, context: QgsProcessingContext, out_raster: str, out_cells: str,
+                       class_names: list[str]) -> None:
+        if context.willLoadLayerOnCompletion(out_raster):
+            context.layerToLoadOnCompletionDetails(out_raster).setPostProcessor(
+                ClassStyler.create("raster", class_names))
+        if context.willLoadLayerOnCompletion(out_cells):
+            context.layerToLoadOnCompletionDetails(out_cells).setPostProcessor(
+                ClassStyler.create("cells", class_names))
+

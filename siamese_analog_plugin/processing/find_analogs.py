@@ -1,0 +1,357 @@
+"""Processing algorithm ``siameseanalog:findanalogs``: map how Mars-like every cell of an area is."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingOutputVectorLayer,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterDistance,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+    QgsProcessingUtils,
+    QgsUnitTypes,
+)
+
+from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .layers import RenderedRasterSource, area_from_source, gdal_path, reference_paths
+
+__all__ = ["FindAnalogsAlgorithm", "ResultStyler"]
+
+AGGREGATE_OPTIONS = ("nearest", "mean")
+
+
+class ResultStyler(QgsProcessingLayerPostProcessorInterface):
+    """Styles a result layer once QGIS has loaded it (on the main thread).
+
+    QGIS keeps only a raw pointer to a post-processor, so every instance is also kept alive
+    here (a known pitfall: a post-processor collected by Python crashes or silently does
+    nothing). The list is trimmed so a long session does not grow it without bound.
+    """
+
+    _alive: list = []
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def postProcessLayer(self, layer, context, feedback) -> None:
+        from ..styles import style_result_layer
+
+        if layer is not None and layer.isValid():
+            style_result_layer(layer, self.kind)
+
+    @classmethod
+    def create(cls, kind: str) -> ResultStyler:
+        instance = cls(kind)
+        cls._alive.append(instance)
+        del cls._alive[:-256]
+        return instance
+
+
+class FindAnalogsAlgorithm(AnalogAlgorithm):
+    """Find Mars analog sites: Earth imagery + Mars reference -> dissimilarity map and cells."""
+
+    ALG_ID = "findanalogs"
+    DISPLAY_NAME = "Find Mars analog sites"
+    SHORT_DESCRIPTION = "Cut an area of Earth imagery into cells and map how much each looks like a Mars reference."
+
+    INPUT = "INPUT"
+    AREA = "AREA"
+    REFERENCE = "REFERENCE"
+    CELL_SIZE = "CELL_SIZE"
+    STRIDE = "STRIDE"
+    MIN_COVERAGE = "MIN_COVERAGE"
+    MODEL = "MODEL"
+    DEVICE = "DEVICE"
+    BATCH_SIZE = "BATCH_SIZE"
+    MAX_NODATA = "MAX_NODATA"
+    BAND = "BAND"
+    REFERENCE_RESOLUTION = "REFERENCE_RESOLUTION"
+    AGGREGATE = "AGGREGATE"
+    TOP_K = "TOP_K"
+    ALLOW_LARGE = "ALLOW_LARGE"
+    OUTPUT_RASTER = "OUTPUT_RASTER"
+    OUTPUT_CELLS = "OUTPUT_CELLS"
+    OUTPUT_REPORT = "OUTPUT_REPORT"
+    OUTPUT_SITES = "OUTPUT_SITES"
+    CELL_COUNT = "CELL_COUNT"
+    SCORED_COUNT = "SCORED_COUNT"
+    DEVICE_USED = "DEVICE_USED"
+    CELLS_PER_SECOND = "CELLS_PER_SECOND"
+    BEST_DISSIMILARITY = "BEST_DISSIMILARITY"
+
+    HELP = """<p>Finds the places on Earth whose ground looks most like a patch of Mars. The area is cut into
+square <b>cells</b>; a Siamese neural network turns each cell and the Mars reference into short vectors
+(embeddings), and the distance between them is the cell's <b>dissimilarity</b>: <b>lower means more
+Mars-like</b>.</p>
+<h3>How to use it</h3>
+<ol>
+<li><b>Earth imagery</b>: any raster layer QGIS can draw: a GeoTIFF, or a satellite basemap
+(XYZ/WMS tiles, e.g. the imagery layers of QuickMapServices or XYZ Tiles in the Browser). Tile
+layers are read through QGIS at the resolution the network needs; give an <b>area</b> with them.</li>
+<li><b>Search area</b> (optional): polygons to search; tick <i>Selected features only</i> to use just
+the selected ones. Empty: the whole raster.</li>
+<li><b>Mars reference image(s)</b>: PNG, JPEG or GeoTIFF of the Mars terrain to match (e.g. a HiRISE
+or CTX crop). With several, each cell is compared with the closest one.</li>
+<li><b>Cell size</b> in metres: the ground size of one cell. Match it to the ground size of the
+reference for a like-for-like comparison. Empty: the reference's own ground size when it is
+georeferenced, else 100 raster pixels.</li>
+<li>Run. The results load styled: red cells are the most Mars-like. The optional HTML report shows the
+distribution of dissimilarity with its quartiles and the best sites with their coordinates and a
+picture of each beside the reference.</li>
+</ol>
+<h3>Outputs</h3>
+<p><b>Dissimilarity raster</b>: one pixel per cell (GeoTIFF, nodata -9999). <b>Cells</b>: a GeoPackage of
+cell polygons with <i>dissimilarity</i>, <i>rank</i> (1 = most Mars-like), <i>percentile</i>, <i>lon</i>,
+<i>lat</i>, <i>status</i>, <i>valid_fraction</i> and the nearest <i>reference</i>; its layer
+<i>analog_sites</i> holds the best sites as points.</p>
+<h3>Tips</h3>
+<p><b>Stride</b> smaller than the cell size makes overlapping cells (finer map, more work). Cells mostly
+outside the area (<b>minimum coverage</b>) or mostly nodata are skipped. The run stops with a clear message
+when the grid would be absurdly large (usually a cell size in the wrong unit); tick <i>Allow very large
+grids</i> to insist. <b>Device</b>: auto (a GPU when there is one), cpu, cuda, cuda:N or mps. Cancelling
+leaves no partial files.</p>"""
+
+    def initAlgorithm(self, config=None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Earth imagery (raster layer)")))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.AREA, self.tr("Search area (polygons; empty = the raster's extent)"),
+            [QgsProcessing.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.REFERENCE, self.tr("Mars reference image(s)"), QgsProcessing.TypeRaster))
+        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (metres; empty = the reference's "
+                                                                     "ground size)"),
+                                              defaultValue=None, optional=True, minValue=0.0)
+        cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
+        self.addParameter(cell)
+        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride between cells (metres; empty = the "
+                                                                     "cell size, no overlap)"),
+                                                defaultValue=None, optional=True, minValue=0.0)
+        stride.setDefaultUnit(QgsUnitTypes.DistanceMeters)
+        self.addParameter(stride)
+        self.addParameter(QgsProcessingParameterNumber(
+            self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the area"),
+            QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0))
+        self.addParameter(QgsProcessingParameterFile(
+            self.MODEL, self.tr("Model file (empty = the shipped model)"), extension="pt", optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), defaultValue="auto"))
+        advanced = [
+            QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
+                                         QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
+            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with a larger nodata share than"),
+                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
+            QgsProcessingParameterNumber(self.BAND, self.tr("Band to use (empty = luminance of RGB, or band 1)"),
+                                         QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
+            QgsProcessingParameterNumber(self.REFERENCE_RESOLUTION,
+                                         self.tr("Metres per pixel of references that are not georeferenced"),
+                                         QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
+            QgsProcessingParameterEnum(self.AGGREGATE, self.tr("With several references, compare each cell with"),
+                                       [self.tr("the nearest reference"), self.tr("their mean")], defaultValue=0),
+            QgsProcessingParameterNumber(self.TOP_K, self.tr("Number of best sites to list"),
+                                         QgsProcessingParameterNumber.Integer, 10, minValue=1, maxValue=10000),
+            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
+                                          defaultValue=False),
+        ]
+        for param in advanced:
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(param)
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.OUTPUT_RASTER, self.tr("Dissimilarity raster (low = more Mars-like)")))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT_CELLS, self.tr("Analog cells"), QgsProcessing.TypeVectorPolygon))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_REPORT, self.tr("Report (HTML)"), self.tr("HTML files (*.html)"), optional=True,
+            createByDefault=False))
+        self.addOutput(QgsProcessingOutputVectorLayer(self.OUTPUT_SITES, self.tr("Top analog sites"),
+                                                      QgsProcessing.TypeVectorPoint))
+        self.addOutput(QgsProcessingOutputNumber(self.CELL_COUNT, self.tr("Number of cells")))
+        self.addOutput(QgsProcessingOutputNumber(self.SCORED_COUNT, self.tr("Number of cells scored")))
+        self.addOutput(QgsProcessingOutputNumber(self.CELLS_PER_SECOND, self.tr("Throughput (cells per second)")))
+        self.addOutput(QgsProcessingOutputNumber(self.BEST_DISSIMILARITY, self.tr("Lowest dissimilarity")))
+        self.addOutput(QgsProcessingOutputString(self.DEVICE_USED, self.tr("Device used")))
+
+    # -- main thread ---------------------------------------------------------------------
+    def checkParameterValues(self, parameters, context):
+        """Name a missing reference file plainly (QGIS alone says "incorrect parameter value")."""
+        values = parameters.get(self.REFERENCE)
+        values = values if isinstance(values, (list, tuple)) else [values] if values else []
+        project = context.project() if context is not None else None
+        for value in values:
+            if not isinstance(value, str) or not value or os.path.exists(value):
+                continue
+            if project is not None and (project.mapLayer(value) or project.mapLayersByName(value)):
+                continue
+            if "://" in value or value.startswith("/vsi"):
+                continue
+            return False, (f"The reference image '{value}' does not exist. Check the path, or choose a PNG, JPEG "
+                           "or GeoTIFF of the Mars terrain to match.")
+        model = parameters.get(self.MODEL)
+        if isinstance(model, str) and model and not model.lower().endswith(".pt"):
+            return False, (f"The model '{model}' is not a model file (.pt). Give a model written by 'Train Siamese "
+                           "encoder', or leave the model empty to use the shipped one.")
+        return super().checkParameterValues(parameters, context)
+
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:
+        """Resolve layers to files on the main thread (QGIS layers belong to it)."""
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException("The Earth imagery layer is missing or cannot be read. Choose a raster "
+                                         "layer that draws on the map.")
+        self._raster_name = layer.name()
+        self._raster_path = gdal_path(layer)
+        self._rendered = None if self._raster_path else RenderedRasterSource(layer)
+        self._references = reference_paths(self.parameterAsLayerList(parameters, self.REFERENCE, context))
+        return True
+
+    # -- worker thread -------------------------------------------------------------------
+    def processAlgorithm(self, parameters, context, feedback):
+        self.check_dependencies()
+        out_raster = self.parameterAsOutputLayer(parameters, self.OUTPUT_RASTER, context)
+        out_cells = self.parameterAsOutputLayer(parameters, self.OUTPUT_CELLS, context)
+        out_report = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context) or None
+        if not out_raster.lower().endswith((".tif", ".tiff")):
+            raise QgsProcessingException(f"The dissimilarity raster is written as a GeoTIFF, but '{out_raster}' is "
+                                         "not a .tif file. Give a file name ending in .tif.")
+        if not out_cells.lower().endswith(".gpkg"):
+            raise QgsProcessingException(f"The analog cells are written as a GeoPackage, but '{out_cells}' is not a "
+                                         ".gpkg file. Give a file name ending in .gpkg.")
+        adapter = ProcessingFeedbackAdapter(feedback, 0.0, 95.0 if out_report else 100.0)
+        work_dir = None
+        written: list[str] = []
+        with engine_errors("The search"):
+            from ..core.encoder import load_model
+            from ..core.outputs import check_destination
+            from ..core.search import SearchParams, run_search
+
+            if out_report:
+                check_destination(out_report, "report")
+            area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)
+            cell = self._optional_number(parameters, self.CELL_SIZE, context)
+            reference_res = self._optional_number(parameters, self.REFERENCE_RESOLUTION, context)
+            model = self.parameterAsFile(parameters, self.MODEL, context) or None
+            device = (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip()
+            encoder = load_model(model, device)
+            try:
+                raster = self._raster_path
+                if raster is None:
+                    cell = cell or self._cell_from_references(encoder.input_size, reference_res)
+                    work_dir = tempfile.mkdtemp(prefix="siamese_analog_")
+                    raster = self._rendered.render(os.path.join(work_dir, "imagery.tif"), area, cell,
+                                                   encoder.input_size, feedback)
+                params = SearchParams(
+                    raster=raster, references=self._references, area=area, cell_size_m=cell,
+                    stride_m=self._optional_number(parameters, self.STRIDE, context),
+                    min_coverage=self.parameterAsDouble(parameters, self.MIN_COVERAGE, context),
+                    max_nodata=self.parameterAsDouble(parameters, self.MAX_NODATA, context),
+                    band=self._optional_int(parameters, self.BAND, context),
+                    reference_resolution_m=reference_res, model=model, device=device,
+                    batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                    aggregate=AGGREGATE_OPTIONS[self.parameterAsEnum(parameters, self.AGGREGATE, context)],
+                    force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
+                    top_k=self.parameterAsInt(parameters, self.TOP_K, context))
+                result = run_search(params, out_raster, out_cells, adapter, encoder=encoder)
+                written = [out_raster, out_cells]
+                if out_report:
+                    from .report import write_report
+
+                    feedback.setProgressText("Writing the report")
+                    write_report(out_report, result, raster, top=params.top_k, raster_label=self._raster_name)
+                    feedback.setProgress(100)
+            except BaseException:
+                for path in written:  # both outputs or neither: a failed report takes them back
+                    _remove(path)
+                raise
+            finally:
+                if work_dir:
+                    shutil.rmtree(work_dir, ignore_errors=True)
+
+        n, scored = len(result.grid), int(result.scored.sum())
+        feedback.pushInfo(f"Device used: {result.device}. Cells: {n:,} ({scored:,} scored) of "
+                          f"{result.grid.cell_size_m:g} m. Throughput: {result.cells_per_s:,.0f} cells/s "
+                          f"({result.seconds:.1f} s).")
+        best = result.best(min(5, params.top_k))
+        if best:
+            feedback.pushInfo("Most Mars-like cells: " + "; ".join(
+                f"#{s['rank']} id {s['id']} at lon {s['lon']:.4f}, lat {s['lat']:.4f} (dissimilarity "
+                f"{s['dissimilarity']:.4f})" for s in best))
+        sites = f"{out_cells}|layername=analog_sites"
+        self._style_on_load(context, out_raster, out_cells, sites)
+        results = {
+            self.OUTPUT_RASTER: out_raster, self.OUTPUT_CELLS: out_cells, self.OUTPUT_SITES: sites,
+            self.CELL_COUNT: n, self.SCORED_COUNT: scored, self.CELLS_PER_SECOND: result.cells_per_s,
+            self.BEST_DISSIMILARITY: best[0]["dissimilarity"] if best else None, self.DEVICE_USED: result.device,
+        }
+        if out_report:
+            results[self.OUTPUT_REPORT] = out_report
+        return results
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _optional_number(self, parameters, name: str, context) -> float | None:
+        """A number parameter that may be left empty (``None``; 0 also means "not given")."""
+        value = parameters.get(name)
+        if value is None or value == "":
+            return None
+        number = self.parameterAsDouble(parameters, name, context)
+        return number if number > 0 else None
+
+    def _optional_int(self, parameters, name: str, context) -> int | None:
+        value = parameters.get(name)
+        if value is None or value == "":
+            return None
+        number = self.parameterAsInt(parameters, name, context)
+        return number if number > 0 else None
+
+    def _cell_from_references(self, input_size: int, reference_res: float | None) -> float:
+        """The cell size for a rendered (tile) layer when none was given: the references' ground size."""
+        import numpy as np
+
+        from ..core.imagery import load_references
+
+        refs = load_references(self._references, input_size, reference_res)
+        grounds = [r.ground_size_m for r in refs if r.ground_size_m]
+        if not grounds:
+            raise QgsProcessingException(
+                f"'{self._raster_name}' is a tile/web layer, so the cell size cannot default to 100 raster pixels, "
+                "and the Mars reference is not georeferenced. Give a cell size in metres (e.g. the ground size of "
+                "the reference image), or the reference's metres per pixel.")
+        return float(np.median(grounds))
+
+    def _style_on_load(self, context: QgsProcessingContext, out_raster: str, out_cells: str, sites: str) -> None:
+        """Attach stylers to the outputs QGIS will load, and load the top sites beside the cells."""
+        if context.willLoadLayerOnCompletion(out_raster):
+            context.layerToLoadOnCompletionDetails(out_raster).setPostProcessor(ResultStyler.create("raster"))
+        if context.willLoadLayerOnCompletion(out_cells):
+            details = context.layerToLoadOnCompletionDetails(out_cells)
+            details.setPostProcessor(ResultStyler.create("cells"))
+            from ..styles import SITES_LAYER_NAME
+
+            context.addLayerToLoadOnCompletion(sites, QgsProcessingContext.LayerDetails(
+                SITES_LAYER_NAME, details.project, self.OUTPUT_SITES, QgsProcessingUtils.LayerHint.Vector))
+            context.layerToLoadOnCompletionDetails(sites).setPostProcessor(ResultStyler.create("sites"))
+
+
+def _remove(path: str) -> None:
+    for extra in ("", ".aux.xml", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.remove(path + extra)

@@ -1,0 +1,177 @@
+"""The streaming pipeline's internals: block reads, reader threads, torch threads, fast writers.
+
+Every test runs the real reader on real GeoTIFFs and a real (tiny) model.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from affine import Affine
+from osgeo import ogr
+from rasterio.windows import from_bounds
+
+from siamese_analog_plugin.core import outputs
+from siamese_analog_plugin.core.encoder import load_model
+from siamese_analog_plugin.core.feedback import Feedback
+from siamese_analog_plugin.core.imagery import GreyReader
+from siamese_analog_plugin.core.search import SearchParams, iter_patch_batches, plan_grid, plan_reads, run_search
+
+from .conftest import SAMPLE_RASTER, SAMPLE_REFERENCE, smooth_noise, write_raster
+
+
+@pytest.fixture()
+def area_raster(tmp_path):
+    """600 x 400 px RGB, 10 m pixels, UTM 18N, with a nodata corner: 1 km cells are 100 px."""
+    grey = smooth_noise((400, 600), seed=5)
+    grey[:120, :150] = 0
+    rgb = np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.6).astype(np.uint8)])
+    return write_raster(tmp_path / "area.tif", rgb, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000), nodata=0)
+
+
+class Log(Feedback):
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def batches(raster, grid, size, **kw):
+    out = list(iter_patch_batches(raster, grid, size, 16, **kw))
+    idx = np.concatenate([b[0] for b in out])
+    return idx, np.concatenate([b[1] for b in out]), np.concatenate([b[2] for b in out])
+
+
+class TestReads:
+    @pytest.mark.parametrize("stride", [None, 500.0])
+    def test_block_reads_equal_cell_reads(self, area_raster, stride):
+        params = SearchParams(area_raster, None, cell_size_m=1000, stride_m=stride)
+        info, grid = plan_grid(params)
+        assert plan_reads(info, grid, 100).block
+        i1, p1, v1 = batches(area_raster, grid, 100, block_reads=True)
+        i2, p2, v2 = batches(area_raster, grid, 100, block_reads=False, threads=1)
+        assert np.array_equal(i1, np.arange(len(grid))) and np.array_equal(i1, i2)
+        assert np.array_equal(p1, p2) and np.array_equal(v1, v2)
+        assert v1.min() == 0.0 and v1.max() == 1.0  # the nodata corner is seen by both
+
+    def test_cells_that_need_resampling_are_read_one_by_one(self, area_raster):
+        info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1230))
+        assert not plan_reads(info, grid, 100).block
+        _, patches, valid = batches(area_raster, grid, 100)
+        with GreyReader(area_raster) as reader:
+            expected = reader.read_bounds(grid.bounds(len(grid) - 1), 100)
+        assert np.array_equal(patches[-1], expected[0])
+        assert valid[-1] == np.float32(expected[1])
+
+    def test_window_is_rasterio_from_bounds(self):
+        info, grid = plan_grid(SearchParams(str(SAMPLE_RASTER), None, cell_size_m=4321.7, stride_m=3000))
+        with GreyReader(SAMPLE_RASTER) as reader:
+            for b in grid.bounds_array()[:200]:
+                w = from_bounds(*b, transform=reader.ds.transform)
+                assert reader.window_of(tuple(b)) == (w.col_off, w.row_off, w.width, w.height)
+
+    def test_readers_stop_when_the_consumer_stops(self, area_raster):
+        _, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1000, stride_m=250))
+        before = threading.active_count()
+        gen = iter_patch_batches(area_raster, grid, 100, 4, threads=3)
+        next(gen)
+        gen.close()
+        assert threading.active_count() == before
+
+
+class TestRunSearch:
+    def test_same_result_whatever_the_threads_and_read_mode(self, area_raster, tiny_model):
+        params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, stride_m=500, model=tiny_model,
+                              device="cpu", batch_size=8)
+        a = run_search(params)
+        params.reader_threads, params.torch_threads = 3, 1
+        b = run_search(params)
+        params.block_reads = False
+        c = run_search(params)
+        assert a.extra["read_mode"] == "block" and c.extra["read_mode"] == "cell"
+        assert b.extra["reader_threads"] == 3 and b.extra["torch_threads"] == 1
+        for other in (b, c):
+            assert np.array_equal(a.dissimilarity, other.dissimilarity, equal_nan=True)
+            assert np.array_equal(a.rank, other.rank)
+        # Skipped cells (the nodata corner) are still skipped.
+        assert np.isnan(a.dissimilarity).any() and (a.rank > 0).sum() == np.isfinite(a.dissimilarity).sum()
+
+    def test_matches_the_encoder_on_each_cell(self, area_raster, tiny_model):
+        enc = load_model(tiny_model, "cpu")
+        params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, model=tiny_model, device="cpu")
+        result = run_search(params, encoder=enc)
+        ref = enc.embed(np.stack([r.patch for r in result.references]))
+        with GreyReader(area_raster) as reader:
+            for i in np.nonzero(result.scored)[0][:5]:
+                patch, _ = reader.read_bounds(result.grid.bounds(int(i)), 100)
+                d = np.linalg.norm(enc.embed(patch[None]) - ref, axis=1).min()
+                assert result.dissimilarity[i] == pytest.approx(d, abs=1e-5)
+
+    def test_torch_threads_are_restored_and_the_device_logged(self, area_raster, tiny_model):
+        before = torch.get_num_threads()
+        log = Log()
+        result = run_search(SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, stride_m=250,
+                                         model=tiny_model, device="cpu", batch_size=16), feedback=log)
+        assert torch.get_num_threads() == before
+        assert 1 <= result.extra["torch_threads"] <= max(before, 1)
+        assert any(line.startswith("Device: cpu (") for line in log.lines)
+        assert any("block reads" in line for line in log.lines)
+
+    def test_amp_is_ignored_on_cpu(self, area_raster, tiny_model):
+        params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, model=tiny_model, device="cpu")
+        plain = run_search(params)
+        params.amp = True
+        amp = run_search(params)
+        assert amp.extra["precision"] == "fp32"
+        assert np.array_equal(plain.dissimilarity, amp.dissimilarity, equal_nan=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU-vs-GPU parity needs a CUDA GPU")
+def test_gpu_matches_cpu_within_tolerance(area_raster, tiny_model):
+    """float32 on CUDA within 5e-3 of the CPU (TF32 convolutions); amp within 3e-2, same best cells."""
+    params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, stride_m=250, model=tiny_model,
+                          device="cpu")
+    cpu = run_search(params)
+    params.device = "cuda"
+    gpu = run_search(params)
+    params.amp = True
+    amp = run_search(params)
+    assert gpu.device.startswith("cuda") and amp.extra["precision"].startswith("amp-")
+    ok = cpu.scored
+    assert np.array_equal(ok, gpu.scored) and np.array_equal(ok, amp.scored)
+    assert np.abs(cpu.dissimilarity[ok] - gpu.dissimilarity[ok]).max() < 5e-3
+    assert np.abs(cpu.dissimilarity[ok] - amp.dissimilarity[ok]).max() < 3e-2
+    best = {c["id"] for c in cpu.best(5)}
+    assert len(best & {c["id"] for c in amp.best(10)}) >= 4
+
+
+def test_fast_cell_writer_matches_the_field_by_field_writer(tmp_path):
+    """The typed, index-based setters and WKB geometries write what _set_field and WKT wrote."""
+    info, grid = plan_grid(SearchParams(str(SAMPLE_RASTER), None, cell_size_m=20000))
+    n = len(grid)
+    d = np.linspace(0, 1, n, dtype=np.float32)
+    d[::3] = np.nan
+    cols = {"dissimilarity": d, "rank": np.arange(n, dtype=np.int32), "percentile": d * 100,
+            "status": np.where(np.isfinite(d), "scored", "nodata"), "valid_fraction": np.ones(n, np.float32),
+            "reference": np.array(["a.png", None, ""] * n, dtype=object)[:n]}
+    path = str(tmp_path / "c.gpkg")
+    outputs.write_cells_gpkg(path, grid, cols, top_k=3)
+    ds = ogr.Open(path)  # keep the dataset alive while its layer is used
+    layer = ds.GetLayerByName("cells")
+    bounds = grid.bounds_array()
+    defn = layer.GetLayerDefn()
+    for i, f in enumerate(layer):
+        ref = ogr.Feature(defn)
+        for name in ("dissimilarity", "rank", "percentile", "status", "valid_fraction", "reference"):
+            outputs._set_field(ref, name, cols[name][i])
+        for name in ("dissimilarity", "rank", "percentile", "status", "valid_fraction", "reference"):
+            assert f.IsFieldNull(name) == ref.IsFieldNull(name)
+            assert f.GetField(name) == ref.GetField(name)
+        x0, y0, x1, y1 = bounds[i]
+        wkt = ogr.CreateGeometryFromWkt(f"POLYGON(({x0!r} {y0!r},{x1!r} {y0!r},{x1!r} {y1!r},{x0!r} {y1!r},"
+                                        f"{x0!r} {y0!r}))")
+        assert f.GetGeometryRef().ExportToWkb() == wkt.ExportToWkb()
