@@ -8,7 +8,7 @@ export PYTHONDONTWRITEBYTECODE = 1
 SAMPLE_RASTER    = resources/earth/landsat_bahamas_rgb_300m.tif
 SAMPLE_REFERENCE = resources/mars/ganges_chasma_dunes_ctx_7m.tif
 
-.PHONY: help demo test test-core test-gui lint train evaluate bench package clean
+.PHONY: help demo test test-core test-gui fewshot-eval lint train evaluate bench package clean
 
 help:
 	@echo "make demo | test | test-core | lint | train | evaluate | bench | package | clean"
@@ -29,6 +29,15 @@ test-core:
 
 test-gui:
 	$(PY) -m pytest tests/gui
+
+DATA ?= ../shared/data
+
+fewshot-eval:
+	@mkdir -p $(OUT)/fewshot
+	$(PY) -m siamese_analog_plugin transfer --step 1 --data $(DATA)/mars/hirise_landmarks --out $(OUT)/fewshot/sdft_step1_hirise.pt
+	$(PY) -m siamese_analog_plugin evaluate-fewshot --hirise $(DATA)/mars/hirise_landmarks --aid $(DATA)/earth/aid \
+		--transfer-model $(OUT)/fewshot/sdft_step1_hirise.pt --adapt-steps 20 \
+		--out $(OUT)/fewshot/fewshot_eval.json --markdown $(OUT)/fewshot/fewshot_eval.md
 
 bench:
 	$(PY) -m siamese_analog_plugin bench

@@ -25,7 +25,7 @@ from .errors import InputError
 from .geo import metres_per_degree, metres_per_unit, reproject_geometry, to_crs, transformer
 from .imagery import RasterInfo
 
-__all__ = ["Area", "CellGrid", "build_grid", "estimate_cell_count", "DEFAULT_MAX_CELLS"]
+__all__ = ["Area", "CellGrid", "build_grid", "cell_size_in_crs", "estimate_cell_count", "DEFAULT_MAX_CELLS"]
 
 DEFAULT_MAX_CELLS = 1_000_000
 
@@ -109,7 +109,8 @@ class CellGrid:
         return Affine(self.step_x, 0.0, x0, 0.0, -self.step_y, y0)
 
 
-def _cell_size_in_crs(crs, size_m: float, centre_lat: float) -> tuple[float, float]:
+def cell_size_in_crs(crs, size_m: float, centre_lat: float) -> tuple[float, float]:
+    """A ground length in metres as (x, y) lengths in the CRS's units (degrees: at ``centre_lat``)."""
     if crs.is_geographic:
         mx, my = metres_per_degree(crs, centre_lat)
         return size_m / mx, size_m / my
@@ -182,10 +183,10 @@ def build_grid(info: RasterInfo, cell_size_m: float, area: Area | None = None, s
     centre_lat = 0.0
     if crs.is_geographic:
         centre_lat = (miny + maxy) / 2
-    cell_w, cell_h = _cell_size_in_crs(crs, cell_size_m, centre_lat)
-    step_x, step_y = _cell_size_in_crs(crs, stride_m, centre_lat)
+    cell_w, cell_h = cell_size_in_crs(crs, cell_size_m, centre_lat)
+    step_x, step_y = cell_size_in_crs(crs, stride_m, centre_lat)
     px_w, px_h = info.res
-    px_m = _cell_size_in_crs(crs, 1.0, centre_lat)  # CRS units per metre
+    px_m = cell_size_in_crs(crs, 1.0, centre_lat)  # CRS units per metre
     pixel_m = max(px_w / px_m[0], px_h / px_m[1])
     if cell_w < px_w * 0.999 or cell_h < px_h * 0.999:
         raise InputError(f"The cell size {cell_size_m:g} m is smaller than one pixel of the raster ({pixel_m:.3g} m)",

@@ -133,15 +133,20 @@ CELL_FIELDS = [
 
 
 def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int = 10,
-                     layer_name: str = CELLS_LAYER) -> None:
+                     layer_name: str = CELLS_LAYER, fields: list[tuple[str, str]] | None = None) -> None:
     """Write the cells as polygons (layer ``cells``) and the ``top_k`` best as points (``analog_sites``).
 
     Args:
         path: the GeoPackage to create.
         grid: the :class:`~.grid.CellGrid`.
-        columns: arrays, one value per kept cell, for the fields in :data:`CELL_FIELDS`
-            other than id/row/col/lon/lat/coverage (which come from the grid).
+        columns: arrays, one value per kept cell, for the fields other than
+            id/row/col/lon/lat/coverage (which come from the grid). ``None`` values, NaN and
+            infinities are written as NULL.
+        top_k: best cells (by the ``rank`` column) also written as points; 0 for none.
+        layer_name: name of the polygon layer.
+        fields: ``(name, kind)`` pairs, kind in int/int64/real/str (default :data:`CELL_FIELDS`).
     """
+    fields = fields or CELL_FIELDS
     ogr, osr = _ogr()
     types = {"int": ogr.OFTInteger, "int64": ogr.OFTInteger64, "real": ogr.OFTReal, "str": ogr.OFTString}
     srs = osr.SpatialReference()
@@ -149,12 +154,12 @@ def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int
     srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     values = {"id": grid.ids, "row": grid.rows, "col": grid.cols, "lon": grid.lon, "lat": grid.lat,
               "coverage": grid.coverage, **columns}
-    names = [n for n, _ in CELL_FIELDS if n in values]
+    names = [n for n, _ in fields if n in values]
     try:
         driver = ogr.GetDriverByName("GPKG")
         ds = driver.CreateDataSource(path)
         cells = ds.CreateLayer(layer_name, srs, ogr.wkbPolygon, options=["FID=fid", "SPATIAL_INDEX=YES"])
-        for name, kind in CELL_FIELDS:
+        for name, kind in fields:
             if name in values:
                 cells.CreateField(ogr.FieldDefn(name, types[kind]))
         defn = cells.GetLayerDefn()
@@ -204,7 +209,7 @@ def _polygon_wkb(bounds: np.ndarray) -> np.ndarray:
 def _column_setter(index: int, column):
     """A ``f(feature, i)`` that sets field ``index`` from ``column[i]`` with the typed OGR call.
 
-    Same values as :func:`_set_field` (NaN and None become NULL), without its per-value name
+    Same values as :func:`set_field` (NaN and None become NULL), without its per-value name
     lookup and type dispatch.
     """
     arr = np.asarray(column)
@@ -236,7 +241,7 @@ def _column_setter(index: int, column):
     return set_other
 
 
-def _set_field(feature, name, value) -> None:
+def set_field(feature, name, value) -> None:
     if isinstance(value, (float, np.floating)):
         if np.isfinite(value):
             feature.SetField(name, float(value))
@@ -265,7 +270,7 @@ def _write_sites(ds, srs, grid, values, names, top_k, types, ogr) -> None:
     for i in order:
         f = ogr.Feature(layer.GetLayerDefn())
         for name in names:
-            _set_field(f, name, values[name][i])
+            set_field(f, name, values[name][i])
         f.SetGeometryDirectly(ogr.CreateGeometryFromWkt(f"POINT({cx[i]!r} {cy[i]!r})"))
         layer.CreateFeature(f)
     layer.CommitTransaction()

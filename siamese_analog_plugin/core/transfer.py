@@ -191,8 +191,8 @@ def _class_weights(labels: np.ndarray, n_classes: int):
 
 
 def transfer_step1(data: str | os.PathLike, out: str | os.PathLike, parent: str | None = None,
-                   classes: list[str] | None = None, epochs: int = 4, batch_size: int = 32, lr: float = 3e-4,
-                   head_lr: float = 3e-3, max_per_class: int = 300, device: str = "auto", seed: int = 0,
+                   classes: list[str] | None = None, epochs: int = 8, batch_size: int = 32, lr: float = 1e-4,
+                   head_lr: float = 1e-2, max_per_class: int = 300, device: str = "auto", seed: int = 0,
                    feedback: Feedback | None = None, split: HeldOutSplit | None = None) -> TransferResult:
     """Step 1: fine-tune an encoder on a labelled Mars set through a linear classifier head.
 
@@ -238,10 +238,10 @@ def transfer_step1(data: str | os.PathLike, out: str | os.PathLike, parent: str 
     train = load_labelled_folder(data, encoder.input_size, list(files), files=files, what="training folder")
     n_classes = len(train.class_names)
     net = encoder.network
+    torch.manual_seed(seed)  # the head's initialisation too: a step is reproducible from its seed
     linear = torch.nn.Linear(encoder.embedding_dim, n_classes).to(encoder.device)
     opt = torch.optim.Adam([{"params": net.parameters(), "lr": lr}, {"params": linear.parameters(), "lr": head_lr}])
     loss_fn = torch.nn.CrossEntropyLoss(weight=_class_weights(train.labels, n_classes).to(encoder.device))
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     if encoder.metadata.normalisation.get("mode", "per_patch") == "per_patch":
         from .datasets import augment_batch
@@ -405,10 +405,11 @@ def register_transfer_cli(sub) -> None:
     p.add_argument("--out", help="model file to write (.pt)")
     p.add_argument("--data", help="step 1: labelled Mars images, <class>/*")
     p.add_argument("--classes", nargs="+", help="step 1: classes to use (default: every class folder but 'edge')")
-    p.add_argument("--epochs", type=int, default=4, help="step 1 (default: 4)")
+    p.add_argument("--epochs", type=int, default=8, help="step 1 (default: 8)")
     p.add_argument("--batch-size", type=int, default=32, help="step 1 (default: 32)")
-    p.add_argument("--lr", type=float, default=3e-4, help="step 1: encoder learning rate (default: 3e-4)")
-    p.add_argument("--head-lr", type=float, default=3e-3, help="step 1: linear head learning rate (default: 3e-3)")
+    # A small encoder rate keeps what step 0 learnt; a large head rate lets the linear head keep up.
+    p.add_argument("--lr", type=float, default=1e-4, help="step 1: encoder learning rate (default: 1e-4)")
+    p.add_argument("--head-lr", type=float, default=1e-2, help="step 1: linear head learning rate (default: 1e-2)")
     p.add_argument("--max-per-class", type=int, default=300, help="step 1: images per class at most (default: 300)")
     p.add_argument("--split", help="step 1: split.json of held-out images, never trained on (default: the one "
                                    "beside the shipped model, else a hash of the scene id)")

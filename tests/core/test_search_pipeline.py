@@ -150,7 +150,7 @@ def test_gpu_matches_cpu_within_tolerance(area_raster, tiny_model):
 
 
 def test_fast_cell_writer_matches_the_field_by_field_writer(tmp_path):
-    """The typed, index-based setters and WKB geometries write what _set_field and WKT wrote."""
+    """The typed, index-based setters and WKB geometries write what set_field and WKT wrote."""
     info, grid = plan_grid(SearchParams(str(SAMPLE_RASTER), None, cell_size_m=20000))
     n = len(grid)
     d = np.linspace(0, 1, n, dtype=np.float32)
@@ -167,7 +167,7 @@ def test_fast_cell_writer_matches_the_field_by_field_writer(tmp_path):
     for i, f in enumerate(layer):
         ref = ogr.Feature(defn)
         for name in ("dissimilarity", "rank", "percentile", "status", "valid_fraction", "reference"):
-            outputs._set_field(ref, name, cols[name][i])
+            outputs.set_field(ref, name, cols[name][i])
         for name in ("dissimilarity", "rank", "percentile", "status", "valid_fraction", "reference"):
             assert f.IsFieldNull(name) == ref.IsFieldNull(name)
             assert f.GetField(name) == ref.GetField(name)
