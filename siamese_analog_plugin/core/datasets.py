@@ -519,7 +519,7 @@ def split_record(dataset: Dataset, held_out: Sequence[bool], seed: int, test_fra
                 f"about {test_fraction:.0%} of every class, seeded scene order",
         "seed": seed,
         "test_fraction": test_fraction,
-        "data_root": dataset.root,
+        "data_root": "shared/data" if dataset.layout == "project" else dataset.root,
         "counts": {g: {"train": c[0], "held_out": c[1]} for g, c in sorted(per_group.items())},
         "held_out_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
         "held_out": sorted(keys),

@@ -8,7 +8,7 @@ Two choices make it fit a small CPU:
 
 * every image is decoded once into an in-memory uint8 cache (and a disk cache), and every view
   is a fresh random augmentation made on tensors, so the paper's x10 expanded set is never
-  stored: an epoch of ``--augment 10`` draws 10 views per training image;
+  stored: with ``--augment 10`` a run draws about 10 views of every training image;
 * each batch of 64 labelled pairs (128 views) also scores every other pair of views in the
   batch whose label the pair rules define, so one forward pass trains on thousands of pairs
   and the hard ones (dissimilar but closer than the margin) drive the loss.
@@ -79,8 +79,9 @@ class TrainConfig:
         contrastive margin (embedding distance beyond which dissimilar pairs cost nothing).
         seed: seeds the split, the initialisation and every draw. device: ``auto``/``cpu``/``cuda``.
         out: model file to write. resume: training-state file to continue from. augment: views
-        per training image per epoch (the paper's x10). pairs_per_epoch: overrides the epoch
-        length in pairs. input_size: encoder input side. cache_size: side of the cached images
+        of each training image over the whole run (the paper's x10), which sets the epoch length.
+        pairs_per_epoch: overrides the epoch length in pairs. input_size: encoder input side.
+        cache_size: side of the cached images
         (views are cropped from them). embedding_dim: embedding size (architecture default when
         ``None``). test_fraction: held-out share. schedule: ``cosine`` or ``constant`` lr.
         cache_dir: decoded-patch cache (``None``: no disk cache). threads: torch CPU threads.
@@ -243,7 +244,10 @@ def train(config: TrainConfig, feedback=None) -> dict:
     network = build_network(config.arch, config.input_size, embedding_dim=dim, **params).to(device)
     n_params = sum(p.numel() for p in network.parameters())
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    pairs_per_epoch = config.pairs_per_epoch or max(config.batch_size, config.augment * len(train_records) // 2)
+    # The paper expands the training set x10 with augmented copies; here every view is freshly
+    # augmented, and --augment N means each training image is seen as about N views over the run.
+    pairs_per_epoch = config.pairs_per_epoch or max(
+        config.batch_size, config.augment * len(train_records) // (2 * config.epochs))
     steps = max(1, pairs_per_epoch // config.batch_size)
     total_steps = steps * config.epochs
     history: list[dict] = []
@@ -321,7 +325,8 @@ def train(config: TrainConfig, feedback=None) -> dict:
                      "classes": table.groups, "excluded": "HiRISE edge (no-data border crops)",
                      "counts": split["counts"]},
             "pairs": ["same class = similar", *table.describe(), "all other pairs = dissimilar"],
-            "loss": f"contrastive, margin {config.margin}, all labelled in-batch pairs",
+            "loss": f"contrastive, margin {config.margin}, all labelled in-batch pairs "
+                    "(dissimilar ones averaged over those inside the margin)",
             "epochs": config.epochs, "pairs_per_epoch": steps * config.batch_size, "batch_size": config.batch_size,
             "optimizer": f"Adam lr {config.lr} ({config.schedule}), weight decay {config.weight_decay}",
             "augment": f"x{config.augment}: rotation (any angle, flips), crop 75-100 % (scale), blur, gamma, noise; "
@@ -379,9 +384,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--out", default="", help="model file to write (default: models/siamese_compact.pt)")
     p.add_argument("--resume", default="", help="continue from a training-state file (OUT.state.pt)")
-    p.add_argument("--augment", type=int, default=d.augment, help="augmented views per image per epoch")
+    p.add_argument("--augment", type=int, default=d.augment,
+                   help="augmented views of each training image over the run (the paper's x10)")
     p.add_argument("--pairs-per-epoch", type=int, default=None,
-                   help="epoch length in pairs (default: augment x training images / 2)")
+                   help="epoch length in pairs (default: augment x training images / (2 x epochs); "
+                        "the shipped model used 5120)")
     p.add_argument("--embedding-dim", type=int, default=None, help="embedding size (default: 32 compact, 5 paper)")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share (default 0.1)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule, help="learning-rate schedule")
