@@ -90,7 +90,7 @@ class TrainConfig:
 
     data: str = field(default_factory=lambda: str(default_data_root()))
     arch: str = "compact"
-    epochs: int = 12
+    epochs: int = 24
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 5e-4
