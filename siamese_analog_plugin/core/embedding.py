@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .encoder import AnalogEncoder, load_model
-from .errors import InputError
 from .feedback import Feedback, check_cancelled
-from .imagery import IMAGE_EXTENSIONS, list_images, load_image_patch
+from .imagery import images_in_folder, load_image_patch
 
 __all__ = ["embed_folder"]
 
@@ -27,12 +26,7 @@ def embed_folder(folder: str | os.PathLike, model: str | None = None, device: st
         InputError: the folder is missing or holds no image.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"The image folder '{folder}' does not exist or is not a folder", "Check the path")
-    files = list_images(folder)
-    if not files:
-        raise InputError(f"The folder '{folder}' holds no images",
-                         f"Put image files in it ({', '.join(IMAGE_EXTENSIONS[:4])}...)")
+    files = images_in_folder(folder)
     feedback = feedback or Feedback()
     encoder = encoder or load_model(model, device)
     feedback.log(f"Embedding {len(files)} images on {encoder.device}")

@@ -31,7 +31,7 @@ from .encoder import AnalogEncoder, load_model
 from .errors import InputError, OutputError
 from .feedback import ConsoleFeedback, Feedback, check_cancelled
 from .grid import Area, CellGrid
-from .imagery import IMAGE_EXTENSIONS, GreyReader, describe_raster, list_images, load_image_patch
+from .imagery import IMAGE_EXTENSIONS, GreyReader, describe_raster, images_in_folder, list_images, load_image_patch
 from .outputs import atomic_outputs, check_destination
 
 __all__ = [
@@ -287,22 +287,13 @@ def read_labelled_features(path: str | os.PathLike, class_field: str, layer: str
     Raises:
         InputError: missing file, unknown layer or field, no CRS, no labelled feature.
     """
-    from osgeo import ogr
     from shapely import wkb
 
-    ogr.UseExceptions()
+    from .vector import open_vector_layer
+
     path = str(path)
-    if not os.path.exists(path):
-        raise InputError(f"The labelled examples file '{path}' does not exist", "Check the path")
-    try:
-        ds = ogr.Open(path)
-    except Exception as exc:
-        raise InputError(f"The labelled examples file '{path}' cannot be read as a vector layer: {exc}",
-                         "Give a GeoPackage, GeoJSON or Shapefile of points or polygons") from exc
-    lyr = ds.GetLayerByName(layer) if layer else ds.GetLayer(0)
-    if lyr is None:
-        names = [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
-        raise InputError(f"'{path}' has no layer '{layer}'", f"Its layers are: {', '.join(names)}")
+    # ``ds`` stays referenced while ``lyr`` is read: OGR layers die with their dataset.
+    ds, lyr = open_vector_layer(path, layer, "labelled examples file", "points or polygons")
     defn = lyr.GetLayerDefn()
     fields = [defn.GetFieldDefn(i).GetName() for i in range(defn.GetFieldCount())]
     if class_field not in fields:
@@ -456,12 +447,7 @@ def classify_folder(support: str | os.PathLike | SupportSet | None, query: str |
     """
     feedback = feedback or Feedback()
     query = Path(query)
-    if not query.is_dir():
-        raise InputError(f"The query folder '{query}' does not exist or is not a folder", "Check the path")
-    files = list_images(query)
-    if not files:
-        raise InputError(f"The query folder '{query}' holds no images",
-                         f"Put image files in it ({', '.join(IMAGE_EXTENSIONS[:4])}...)")
+    files = images_in_folder(query, "query folder")
     encoder = encoder or load_model(model, device)
     clf = build_classifier(encoder, support, scale, batch_size, feedback)
     feedback.log(f"Classes: {', '.join(clf.class_names)}; {len(files)} query images; device {encoder.device}")

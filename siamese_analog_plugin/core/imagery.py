@@ -23,6 +23,7 @@ __all__ = [
     "ReferenceImage",
     "describe_raster",
     "list_images",
+    "images_in_folder",
     "load_references",
     "load_image_patch",
 ]
@@ -280,6 +281,22 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern)
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def images_in_folder(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
+    """The images under ``folder`` (recursively), or a clear error when there are none.
+
+    Raises:
+        InputError: the folder is missing, not a folder, or holds no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"The {what} '{folder}' does not exist or is not a folder", "Check the path")
+    files = list_images(folder)
+    if not files:
+        raise InputError(f"The {what} '{folder}' holds no images",
+                         f"Put image files in it ({', '.join(IMAGE_EXTENSIONS[:4])}...)")
+    return files
 
 
 def load_image_patch(path: str | os.PathLike, size: int, band: int | None = None,

@@ -11,7 +11,35 @@ from shapely.ops import unary_union
 from .errors import InputError
 from .grid import Area
 
-__all__ = ["read_area"]
+__all__ = ["open_vector_layer", "read_area"]
+
+
+def open_vector_layer(path: str | os.PathLike, layer: str | None = None, what: str = "area file",
+                      kinds: str = "polygons"):
+    """Open a vector file's layer with OGR: ``(dataset, layer)`` (keep the dataset alive).
+
+    Raises:
+        InputError: missing or unreadable file, unknown layer.
+    """
+    from osgeo import ogr
+
+    ogr.UseExceptions()
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(f"The {what} '{path}' does not exist", "Check the path")
+    try:
+        ds = ogr.Open(path)
+    except Exception as exc:
+        raise InputError(f"The {what} '{path}' cannot be read as a vector layer: {exc}",
+                         f"Give a GeoPackage, GeoJSON or Shapefile of {kinds}") from exc
+    if ds is None:
+        raise InputError(f"The {what} '{path}' cannot be read as a vector layer",
+                         f"Give a GeoPackage, GeoJSON or Shapefile of {kinds}")
+    lyr = ds.GetLayerByName(layer) if layer else ds.GetLayer(0)
+    if lyr is None:
+        names = [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
+        raise InputError(f"The {what} '{path}' has no layer '{layer}'", f"Its layers are: {', '.join(names)}")
+    return ds, lyr
 
 
 def read_area(path: str | os.PathLike, layer: str | None = None, where: str | None = None) -> Area:
@@ -25,24 +53,8 @@ def read_area(path: str | os.PathLike, layer: str | None = None, where: str | No
     Raises:
         InputError: missing/unreadable file, unknown layer, no polygon, no CRS.
     """
-    from osgeo import ogr
-
-    ogr.UseExceptions()
     path = str(path)
-    if not os.path.exists(path):
-        raise InputError(f"The area file '{path}' does not exist", "Check the path")
-    try:
-        ds = ogr.Open(path)
-    except Exception as exc:
-        raise InputError(f"The area file '{path}' cannot be read as a vector layer: {exc}",
-                         "Give a GeoPackage, GeoJSON or Shapefile of polygons") from exc
-    if ds is None:
-        raise InputError(f"The area file '{path}' cannot be read as a vector layer",
-                         "Give a GeoPackage, GeoJSON or Shapefile of polygons")
-    lyr = ds.GetLayerByName(layer) if layer else ds.GetLayer(0)
-    if lyr is None:
-        names = [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
-        raise InputError(f"The area file '{path}' has no layer '{layer}'", f"Its layers are: {', '.join(names)}")
+    ds, lyr = open_vector_layer(path, layer)
     if where:
         lyr.SetAttributeFilter(where)
     srs = lyr.GetSpatialRef()
