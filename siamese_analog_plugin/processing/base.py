@@ -14,7 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from qgis.core import QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeedback
+from qgis.core import (
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingLayerPostProcessorInterface,
+)
 from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QIcon
 
@@ -24,6 +29,7 @@ from ..core.feedback import Feedback
 __all__ = [
     "DEPENDENCIES",
     "AnalogAlgorithm",
+    "KeptAlivePostProcessor",
     "ProcessingFeedbackAdapter",
     "engine_errors",
     "missing_dependencies",
@@ -89,6 +95,25 @@ def plugin_icon() -> QIcon:
     path = resource_path("icon.svg")
     return QIcon(str(path)) if path.exists() else QIcon()
 
+
+
+class KeptAlivePostProcessor(QgsProcessingLayerPostProcessorInterface):
+    """Base of the post-processors that style loaded results (on the main thread).
+
+    QGIS keeps only a raw pointer to a post-processor, so an instance collected by Python
+    crashes or silently does nothing: :meth:`create` keeps every instance alive here, trimmed
+    to the latest 256 so a long session does not grow the list without bound.
+    """
+
+    _alive: list = []
+
+    @classmethod
+    def create(cls, *args):
+        """Make a post-processor that outlives the Python call that asked for it."""
+        instance = cls(*args)
+        KeptAlivePostProcessor._alive.append(instance)
+        del KeptAlivePostProcessor._alive[:-256]
+        return instance
 
 class ProcessingFeedbackAdapter(Feedback):
     """Engine :class:`~..core.feedback.Feedback` over a ``QgsProcessingFeedback``.

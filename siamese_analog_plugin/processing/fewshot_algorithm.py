@@ -15,7 +15,6 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
-    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBoolean,
@@ -33,7 +32,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .base import AnalogAlgorithm, KeptAlivePostProcessor, ProcessingFeedbackAdapter, engine_errors
 from .layers import RenderedRasterSource, area_from_source, gdal_path
 
 __all__ = ["FewShotLandformAlgorithm", "ClassStyler", "style_class_raster", "style_class_cells"]
@@ -72,13 +71,8 @@ def style_class_cells(layer, class_names: list[str], name: str | None = CELLS_LA
     return layer
 
 
-class ClassStyler(QgsProcessingLayerPostProcessorInterface):
-    """Styles a class raster or cell layer once QGIS has loaded it (main thread).
-
-    QGIS holds only a raw pointer to a post-processor: every instance is kept alive here.
-    """
-
-    _alive: list = []
+class ClassStyler(KeptAlivePostProcessor):
+    """Styles a class raster or cell layer once QGIS has loaded it; make one with ``ClassStyler.create``."""
 
     def __init__(self, kind: str, class_names: list[str]) -> None:
         super().__init__()
@@ -92,13 +86,6 @@ class ClassStyler(QgsProcessingLayerPostProcessorInterface):
             style_class_raster(layer, self.class_names)
         else:
             style_class_cells(layer, self.class_names)
-
-    @classmethod
-    def create(cls, kind: str, class_names: list[str]) -> ClassStyler:
-        instance = cls(kind, class_names)
-        cls._alive.append(instance)
-        del cls._alive[:-256]
-        return instance
 
 
 class FewShotLandformAlgorithm(AnalogAlgorithm):

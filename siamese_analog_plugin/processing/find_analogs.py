@@ -11,7 +11,6 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
-    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingOutputVectorLayer,
@@ -32,7 +31,7 @@ from qgis.core import (
     QgsUnitTypes,
 )
 
-from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .base import AnalogAlgorithm, KeptAlivePostProcessor, ProcessingFeedbackAdapter, engine_errors
 from .layers import RenderedRasterSource, area_from_source, gdal_path, reference_paths
 
 __all__ = ["FindAnalogsAlgorithm", "ResultStyler"]
@@ -40,15 +39,8 @@ __all__ = ["FindAnalogsAlgorithm", "ResultStyler"]
 AGGREGATE_OPTIONS = ("nearest", "mean")
 
 
-class ResultStyler(QgsProcessingLayerPostProcessorInterface):
-    """Styles a result layer once QGIS has loaded it (on the main thread).
-
-    QGIS keeps only a raw pointer to a post-processor, so every instance is also kept alive
-    here (a known pitfall: a post-processor collected by Python crashes or silently does
-    nothing). The list is trimmed so a long session does not grow it without bound.
-    """
-
-    _alive: list = []
+class ResultStyler(KeptAlivePostProcessor):
+    """Styles a result layer once QGIS has loaded it; make one with ``ResultStyler.create(kind)``."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -59,13 +51,6 @@ class ResultStyler(QgsProcessingLayerPostProcessorInterface):
 
         if layer is not None and layer.isValid():
             style_result_layer(layer, self.kind)
-
-    @classmethod
-    def create(cls, kind: str) -> ResultStyler:
-        instance = cls(kind)
-        cls._alive.append(instance)
-        del cls._alive[:-256]
-        return instance
 
 
 class FindAnalogsAlgorithm(AnalogAlgorithm):
