@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,12 +368,4 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-cache", action="store_true", help="decode images without a cache")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_evaluate)
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience entry
-    parser = argparse.ArgumentParser(prog="evaluate")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(["evaluate", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
 

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -397,11 +396,3 @@ def register_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
-
-
-def _argv_main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience entry
-    parser = argparse.ArgumentParser(prog="train")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(["train", *(argv or [])])
-    return args.func(args)
