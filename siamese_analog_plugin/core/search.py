@@ -179,9 +179,9 @@ def default_cell_size_m(info: RasterInfo, references: list[ReferenceImage]) -> t
 
 
 def plan_grid(params: SearchParams, references: list[ReferenceImage] | None = None,
-              feedback: Feedback | None = None) -> tuple[RasterInfo, CellGrid]:
-    """Describe the raster and build the grid (no pixel is read)."""
-    info = describe_raster(params.raster)
+              feedback: Feedback | None = None, info: RasterInfo | None = None) -> tuple[RasterInfo, CellGrid]:
+    """Describe the raster (unless ``info`` already does) and build the grid (no pixel is read)."""
+    info = info or describe_raster(params.raster)
     cell = params.cell_size_m
     if not cell:
         cell, why = default_cell_size_m(info, references or [])
@@ -400,11 +400,11 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         if path:
             check_destination(path, what)
     cache = EmbeddingCache(params.cache_dir) if params.cache_dir else None
-    describe_raster(params.raster)  # a missing/unreadable raster is named before the model loads
+    info = describe_raster(params.raster)  # a missing/unreadable raster is named before the model loads
     encoder = encoder or load_model(params.model, params.device)
     size = encoder.input_size
     references = load_references(params.references, size, params.reference_resolution_m)
-    info, grid = plan_grid(params, references, feedback)
+    info, grid = plan_grid(params, references, feedback, info)
     n = len(grid)
     feedback.log(f"Device: {describe_device(encoder.device)}; model: {encoder.path or 'in memory'}")
     feedback.log(f"Cells: {n:,} of {grid.cell_size_m:g} m (grid {grid.n_rows} x {grid.n_cols}); "
@@ -432,7 +432,7 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     else:
         writer = cache.writer(key, n, encoder.embedding_dim, facts) if cache is not None else None
         try:
-            encode_s = _encode_stream(params, encoder, grid, ref_emb, min_valid, amp_dtype, dissimilarity,
+            encode_s = _encode_stream(params, encoder, info, grid, ref_emb, min_valid, amp_dtype, dissimilarity,
                                       valid_fraction, nearest, extra, writer, feedback, t0)
             if writer is not None:
                 writer.commit(min_valid)
@@ -485,10 +485,10 @@ def _embed_batch(encoder: AnalogEncoder, x, amp_dtype) -> np.ndarray:
     return z.float().cpu().numpy()
 
 
-def _encode_stream(params: SearchParams, encoder: AnalogEncoder, grid: CellGrid, ref_emb: np.ndarray,
-                   min_valid: float, amp_dtype, dissimilarity: np.ndarray, valid_fraction: np.ndarray,
-                   nearest: np.ndarray, extra: dict, writer: CacheWriter | None, feedback: Feedback,
-                   t0: float) -> float:
+def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInfo, grid: CellGrid,
+                   ref_emb: np.ndarray, min_valid: float, amp_dtype, dissimilarity: np.ndarray,
+                   valid_fraction: np.ndarray, nearest: np.ndarray, extra: dict, writer: CacheWriter | None,
+                   feedback: Feedback, t0: float) -> float:
     """Read, normalise, encode and score every cell, batch by batch; returns the encoding seconds.
 
     Reader threads read and normalise (and pin, on CUDA) the next batches while this thread
@@ -507,7 +507,7 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, grid: CellGrid,
 
     threads = params.reader_threads or default_reader_threads()
     extra["reader_threads"] = threads
-    block = params.block_reads and plan_reads(describe_raster(params.raster), grid, size).block
+    block = params.block_reads and plan_reads(info, grid, size).block
     extra["read_mode"] = "block" if block else "cell"
     feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; precision {extra['precision']}")
     encode_s = 0.0
