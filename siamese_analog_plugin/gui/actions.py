@@ -207,6 +207,7 @@ class AnalogGui:
         path = raster.source() if raster is not None and raster.providerType() == "gdal" else None
         self.tool.cell_size_m, self.tool.cell_size_why = estimate_cell_size(last, path)
         self.tool.stride_m = last.get("STRIDE")
+        self.tool.raster_extent = (raster.extent(), raster.crs()) if raster is not None else None
 
     def _on_area_finished(self, drawn: DrawnArea) -> None:
         layer = self.area_layer.replace(drawn)

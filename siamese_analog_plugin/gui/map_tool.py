@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
     QgsDistanceArea,
     QgsGeometry,
     QgsPointXY,
     QgsProject,
+    QgsRectangle,
     QgsUnitTypes,
     QgsWkbTypes,
 )
@@ -70,6 +72,9 @@ class AreaMapTool(QgsMapTool):
     Attributes:
         cell_size_m, stride_m, cell_size_why: the cell size the status estimate uses.
         max_cells: above this many cells the status text warns.
+        raster_extent: ``(QgsRectangle, QgsCoordinateReferenceSystem)`` of the input raster, or
+            ``None``: the estimate counts only the part of the area over it (the search makes
+            no cells elsewhere).
     """
 
     areaFinished = pyqtSignal(object)  # noqa: N815 - Qt signal naming; carries a DrawnArea
@@ -82,6 +87,7 @@ class AreaMapTool(QgsMapTool):
         self.stride_m: float | None = None
         self.cell_size_why = ""
         self.max_cells = DEFAULT_MAX_CELLS
+        self.raster_extent: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
         self.points: list[QgsPointXY] = []
         self.hover: QgsPointXY | None = None
         self.last_status = ""
@@ -227,13 +233,33 @@ class AreaMapTool(QgsMapTool):
     def _status_text(self) -> str:
         geometry = self.geometry()
         n = len(self.points) + (1 if self.hover is not None else 0)
-        area = None
+        area = on_raster = None
+        crs = self.canvas().mapSettings().destinationCrs()
         if geometry is not None:
-            area = measure_area_m2(geometry, self.canvas().mapSettings().destinationCrs())
+            area = measure_area_m2(geometry, crs)
+            on_raster = self._area_over_raster_m2(geometry, crs)
         text, cells, too_many = area_status_message(area, n, self.cell_size_m, self.stride_m,
-                                                    self.cell_size_why, self.max_cells)
+                                                    self.cell_size_why, self.max_cells, on_raster)
         self.last_estimate = (area, cells, too_many)
         return text
+
+    def _area_over_raster_m2(self, geometry: QgsGeometry, crs: QgsCoordinateReferenceSystem) -> float | None:
+        """Area of the part of ``geometry`` over :attr:`raster_extent` (``None``: not known)."""
+        if self.raster_extent is None:
+            return None
+        if not geometry.isGeosValid():
+            geometry = geometry.makeValid()  # a ring that crosses itself while being drawn
+        rect, raster_crs = self.raster_extent
+        footprint = QgsGeometry.fromRect(rect)
+        if raster_crs.isValid() and raster_crs != crs:
+            # Densify first: a reprojected rectangle's edges are curves.
+            footprint = footprint.densifyByCount(32)
+            try:
+                footprint.transform(QgsCoordinateTransform(raster_crs, crs, QgsProject.instance()))
+            except Exception:  # noqa: BLE001 - QgsCsException: the raster does not reproject here
+                return None
+        overlap = geometry.intersection(footprint)
+        return 0.0 if overlap.isEmpty() else measure_area_m2(overlap, crs)
 
     def _show_status(self, text: str) -> None:
         self.last_status = text

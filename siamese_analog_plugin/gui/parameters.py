@@ -134,8 +134,13 @@ def _format_area(area_m2: float) -> str:
 
 def area_status_message(area_m2: float | None, n_vertices: int, cell_size_m: float | None,
                         stride_m: float | None = None, cell_size_why: str = "",
-                        max_cells: int = DEFAULT_MAX_CELLS) -> tuple[str, int | None, bool]:
+                        max_cells: int = DEFAULT_MAX_CELLS,
+                        on_raster_m2: float | None = None) -> tuple[str, int | None, bool]:
     """Status-bar text while drawing: area, estimated cells and a warning when too many.
+
+    Args:
+        on_raster_m2: the part of the area over the input raster, when known: the search only
+            makes cells there, so the estimate counts that part.
 
     Returns:
         ``(text, cells, too_many)``; ``cells`` is ``None`` while no estimate is possible.
@@ -144,11 +149,16 @@ def area_status_message(area_m2: float | None, n_vertices: int, cell_size_m: flo
     if n_vertices < 3 or area_m2 is None:
         return f"Mars analog search area: {n_vertices} vertex(es) ({keys})", None, False
     text = f"Mars analog search area: {_format_area(area_m2)}"
+    searched = area_m2
+    if on_raster_m2 is not None and on_raster_m2 < 0.999 * area_m2:
+        searched = max(on_raster_m2, 0.0)
+        text += (f", {_format_area(searched)} over the input raster" if searched > 0
+                 else ", OUTSIDE the input raster: draw over the raster")
     cells = None
     too_many = False
     if cell_size_m:
         stride = _positive(stride_m) or cell_size_m
-        cells = estimate_cell_count(area_m2, cell_size_m, stride)
+        cells = estimate_cell_count(searched, cell_size_m, stride)
         why = f", {cell_size_why}" if cell_size_why else ""
         text += f" ≈ {cells:,} cells of {cell_size_m:,.0f} m{why}"
         too_many = cells > max_cells

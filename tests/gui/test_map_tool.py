@@ -130,6 +130,44 @@ class TestStatusEstimate:
         assert f"{cells:,} cells of 6,000 m" in tool.last_status
         assert "km²" in tool.last_status and not too_many
 
+    def test_estimate_counts_only_the_part_over_the_raster(self, tool):
+        from qgis.core import QgsRectangle
+
+        from siamese_analog_plugin.core.grid import estimate_cell_count
+
+        canvas = tool.canvas()
+        tool.cell_size_m = 6000.0
+        left, top = map_point(canvas, 100, 100), map_point(canvas, 300, 300)
+        # The raster covers the left half of the square (in the canvas CRS).
+        mid_x = (left.x() + top.x()) / 2
+        tool.raster_extent = (QgsRectangle(left.x() - 5e4, top.y() - 5e4, mid_x, left.y() + 5e4),
+                              QgsCoordinateReferenceSystem("EPSG:32618"))
+        for x, y in SQUARE:
+            click(tool, canvas, x, y)
+        area, cells, _ = tool.last_estimate
+        side = 200 * canvas.mapUnitsPerPixel()
+        assert area == pytest.approx(side * side, rel=0.01)
+        assert abs(cells - estimate_cell_count(area / 2, 6000.0)) <= 1  # half the square
+        assert cells < estimate_cell_count(area, 6000.0) - 100
+        assert "over the input raster" in tool.last_status
+
+    def test_raster_in_another_crs_and_outside(self, tool):
+        from qgis.core import QgsRectangle
+
+        from siamese_analog_plugin.core.grid import estimate_cell_count
+
+        canvas = tool.canvas()
+        tool.cell_size_m = 6000.0
+        wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+        tool.raster_extent = (QgsRectangle(-85.0, 15.0, -70.0, 30.0), wgs84)  # all of the drawn square
+        for x, y in SQUARE:
+            click(tool, canvas, x, y)
+        area, cells, _ = tool.last_estimate
+        assert cells == estimate_cell_count(area, 6000.0) and "over the input raster" not in tool.last_status
+        tool.raster_extent = (QgsRectangle(-74.0, 40.0, -72.0, 42.0), wgs84)  # New York, far north
+        move(tool, canvas, 320, 320)
+        assert tool.last_estimate[1] == 0 and "OUTSIDE the input raster" in tool.last_status
+
     def test_warns_when_the_area_makes_too_many_cells(self, tool):
         canvas = tool.canvas()
         tool.cell_size_m = 30.0  # 30 m cells over ~130x130 km: ~19 million cells
