@@ -44,9 +44,11 @@ evaluate:
 fewshot-eval:
 	@mkdir -p $(OUT)/fewshot
 	$(PY) -m siamese_analog_plugin transfer --step 1 --data $(DATA)/mars/hirise_landmarks --out $(OUT)/fewshot/sdft_step1_hirise.pt
+	$(PY) -m siamese_analog_plugin transfer --step 1 --data $(DATA)/earth/aid --max-per-class 100 \
+		--out $(OUT)/fewshot/sdft_step1_aid.pt
 	$(PY) -m siamese_analog_plugin evaluate-fewshot --hirise $(DATA)/mars/hirise_landmarks --aid $(DATA)/earth/aid \
-		--transfer-model $(OUT)/fewshot/sdft_step1_hirise.pt --adapt-steps 20 \
-		--out $(OUT)/fewshot/fewshot_eval.json --markdown $(OUT)/fewshot/fewshot_eval.md
+		--transfer-model HiRISE=$(OUT)/fewshot/sdft_step1_hirise.pt AID=$(OUT)/fewshot/sdft_step1_aid.pt \
+		--adapt-steps 20 --out $(OUT)/fewshot/fewshot_eval.json --markdown $(OUT)/fewshot/fewshot_eval.md
 
 bench:
 	$(PY) -m siamese_analog_plugin bench

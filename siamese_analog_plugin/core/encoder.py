@@ -46,7 +46,9 @@ FORMAT_VERSION = 1
 ARCHITECTURES = ("paper", "compact")
 DEFAULT_MODEL_NAME = "siamese_compact.pt"
 # Defaults of the compact network (trained model files record their own values).
-COMPACT_DEFAULTS = {"widths": (16, 32, 64, 128), "l2_normalise": True, "stem_stride": 2, "stem_kernel": 5}
+COMPACT_DEFAULTS = {"widths": (16, 32, 64, 128), "l2_normalise": True, "stem_stride": 2, "stem_kernel": 5,
+                    "pooling": "meanstd"}
+POOLINGS = ("meanstd", "center")
 
 
 def _torch():
@@ -67,7 +69,7 @@ def build_network(architecture: str, input_size: int = 100, **params: Any):
         architecture: ``"paper"`` or ``"compact"``.
         input_size: side of the square grey input patch, in pixels.
         **params: architecture parameters (``embedding_dim``; for ``compact`` also
-            ``widths``, ``l2_normalise``, ``stem_stride`` and ``stem_kernel``).
+            ``widths``, ``l2_normalise``, ``stem_stride``, ``stem_kernel`` and ``pooling``).
 
     Returns:
         A ``torch.nn.Module`` mapping ``(N, 1, S, S)`` to ``(N, D)``.
@@ -108,6 +110,15 @@ def build_network(architecture: str, input_size: int = 100, **params: Any):
         # on CPU for no gain in retrieval (measured on the held-out split).
         stem_stride = int(params.get("stem_stride", COMPACT_DEFAULTS["stem_stride"]))
         stem_kernel = int(params.get("stem_kernel", COMPACT_DEFAULTS["stem_kernel"]))
+        # "meanstd": mean and standard deviation of each feature map over the whole patch (orderless
+        # texture statistics). "center": the same statistics over the patch and over its central
+        # half, so an object in the middle (a crater) differs from the same texture spread out,
+        # and the pooling stays blind to rotation.
+        pooling = str(params.get("pooling", COMPACT_DEFAULTS["pooling"]))
+        if pooling not in POOLINGS:
+            raise ModelError(f"Unknown pooling '{pooling}' in the model parameters",
+                             f"Use one of: {', '.join(POOLINGS)}")
+        n_stats = 2 if pooling == "meanstd" else 4
 
         class CompactEncoder(nn.Module):
             """Conv trunk -> mean+std pooling (texture statistics) -> MLP -> embedding."""
@@ -124,13 +135,18 @@ def build_network(architecture: str, input_size: int = 100, **params: Any):
                         layers.append(nn.MaxPool2d(2))
                     channels = width
                 self.trunk = nn.Sequential(*layers)
-                self.head = nn.Sequential(nn.Linear(2 * channels, 2 * channels), nn.ReLU(inplace=True),
+                self.head = nn.Sequential(nn.Linear(n_stats * channels, 2 * channels), nn.ReLU(inplace=True),
                                           nn.Linear(2 * channels, dim))
                 self.l2 = l2
 
             def forward(self, x):
                 f = self.trunk(x)
-                pooled = torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], dim=1)
+                stats = [f.mean(dim=(2, 3)), f.std(dim=(2, 3))]
+                if n_stats == 4:
+                    h, w = f.shape[-2:]
+                    c = f[:, :, h // 4:h - h // 4, w // 4:w - w // 4]
+                    stats += [c.mean(dim=(2, 3)), c.std(dim=(2, 3))]
+                pooled = torch.cat(stats, dim=1)
                 z = self.head(pooled)
                 return torch.nn.functional.normalize(z, dim=1) if self.l2 else z
 

@@ -346,9 +346,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"held-out images: {info['held_out_images']} (seed {info['seed']}, "
           f"test fraction {info['test_fraction']})")
     print(format_table(results))
+    if args.fewshot:
+        results["fewshot"] = _fewshot_section(args, info["seed"], info["test_fraction"], fb)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True))
     return 0
+
+
+def _fewshot_section(args: argparse.Namespace, seed: int, test_fraction: float, feedback) -> dict:
+    """The k-shot part of ``evaluate --fewshot``: HiRISE classes and AID's 30 classes, on the
+    held-out images of the same split as the retrieval numbers."""
+    from .fewshot import HIRISE_CLASSES, HeldOutSplit, evaluate_fewshot, parse_transfer_models, results_table
+
+    root = Path(args.data)
+    dataset = discover_dataset(root)
+    held = split_by_scene(dataset.records, seed, test_fraction)
+    split = HeldOutSplit({str(Path(r.path).resolve()) for r, h in zip(dataset.records, held) if h},
+                         f"the evaluate split (seed {seed}, test fraction {test_fraction})")
+    datasets = {name: (str(folder), classes) for name, folder, classes in (
+        ("HiRISE", root / "mars" / "hirise_landmarks", list(HIRISE_CLASSES)), ("AID", root / "earth" / "aid", None))
+        if folder.is_dir()}
+    if not datasets:
+        raise InputError(f"No HiRISE or AID folder under '{root}' for --fewshot",
+                         "Give --data the shared data folder (mars/hirise_landmarks, earth/aid)")
+    models = {"encoder": args.model or None}
+    if args.transfer_model:
+        models["stepwise transfer"] = parse_transfer_models(args.transfer_model, list(datasets))
+    report = evaluate_fewshot(datasets, models, tuple(args.shots), args.draws, adapt_steps=args.adapt_steps,
+                              device="cpu" if args.device == "auto" else args.device, feedback=feedback,
+                              split=split)
+    print()
+    print(results_table(report))
+    return report
 
 
 def register_cli(subparsers) -> None:
@@ -366,6 +395,16 @@ def register_cli(subparsers) -> None:
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="decoded-patch cache (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="decode images without a cache")
+    p.add_argument("--fewshot", action="store_true",
+                   help="also the k-shot accuracy of the cosine classifier (HiRISE and AID held-out images, "
+                        "texture baseline beside it; the same as evaluate-fewshot)")
+    p.add_argument("--transfer-model", nargs="+", default=None,
+                   help="with --fewshot: also score the stepwise-transfer model (transfer --step 1): one FILE for "
+                        "both datasets, or HiRISE=FILE AID=FILE")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="with --fewshot: k values")
+    p.add_argument("--draws", type=int, default=10, help="with --fewshot: random support draws per k")
+    p.add_argument("--adapt-steps", type=int, default=0,
+                   help="with --fewshot: also score step-2 fine-tuning on each support draw for this many steps")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_evaluate)
 

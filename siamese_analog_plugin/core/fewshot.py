@@ -816,7 +816,9 @@ def evaluate_fewshot(datasets: dict[str, tuple[str, list[str] | None]], models: 
 
     Args:
         datasets: name -> (root folder of ``<class>/*``, classes or ``None`` for all).
-        models: label -> model file (``None``: the shipped model).
+        models: label -> model file (``None``: the shipped model), or label -> ``{dataset: file}``
+            for a method whose model depends on the dataset (the stepwise transfer: step 1 on
+            each dataset's own labelled training images); datasets missing there skip it.
         adapt_steps: when > 0, also score each model after step-2 fine-tuning of its last
             layers on each support draw and its 8 rotations/reflections (method ``<label>+adapt``).
         texture: also score the texture baseline.
@@ -845,12 +847,18 @@ def _evaluate(datasets, models, shots, draws, max_per_class, seed, adapt_steps, 
     from .transfer import adapt_cosine_classifier, split_network
 
     feedback = feedback or Feedback()
-    split = split or HeldOutSplit.load(model=next(iter(models.values()), None))
-    encoders = {label: load_model(path, device) for label, path in models.items()}
-    sizes = {e.input_size for e in encoders.values()}
+    plain = next((m for m in models.values() if not isinstance(m, dict)), None)
+    split = split or HeldOutSplit.load(model=plain)
+    # (label, dataset or None for all) -> encoder
+    all_encoders = {}
+    for label, path in models.items():
+        for ds, file in (path.items() if isinstance(path, dict) else [(None, path)]):
+            all_encoders[label, ds] = load_model(file, device)
+    sizes = {e.input_size for e in all_encoders.values()}
     results, facts = [], {"max_per_class": max_per_class, "draws": draws, "seed": seed, "split": split.source,
                           "metric": "balanced accuracy (mean per-class recall)", "datasets": {}}
     for ds_name, (root, classes) in datasets.items():
+        encoders = {label: enc for (label, ds), enc in all_encoders.items() if ds in (None, ds_name)}
         files = split_files(root, classes, "test", split)
         rng = np.random.default_rng(seed)
         files = {c: sorted(rng.permutation(np.array(v, dtype=object))[:max_per_class].tolist())
@@ -916,7 +924,8 @@ def _evaluate(datasets, models, shots, draws, max_per_class, seed, adapt_steps, 
                                     "accuracies": accs})
                     check_cancelled(feedback)
         feedback.progress(1.0, f"{ds_name} done")
-    facts["models"] = {label: enc.path for label, enc in encoders.items()}
+    facts["models"] = {label if ds is None else f"{label} ({ds})": enc.path
+                       for (label, ds), enc in all_encoders.items()}
     return {"results": results, "facts": facts}
 
 
@@ -991,6 +1000,25 @@ def cmd_fewshot_map(args) -> int:
     return 0
 
 
+def parse_transfer_models(items, datasets: list[str]):
+    """``--transfer-model`` values: ``PATH`` (every dataset) or ``DATASET=PATH`` items."""
+    if isinstance(items, str):
+        items = [items]
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            if len(items) > 1:
+                raise InputError(f"'{item}': with several --transfer-model values, name each one's dataset",
+                                 "Write --transfer-model HiRISE=step1_hirise.pt AID=step1_aid.pt")
+            return item
+        if name not in datasets:
+            raise InputError(f"--transfer-model names the dataset '{name}', which is not evaluated here",
+                             f"Use one of: {', '.join(datasets)}")
+        named[name] = path
+    return named
+
+
 def cmd_evaluate_fewshot(args) -> int:
     feedback = ConsoleFeedback(quiet=args.quiet)
     datasets = {}
@@ -1002,7 +1030,7 @@ def cmd_evaluate_fewshot(args) -> int:
         raise InputError("No dataset to evaluate on", "Give --hirise DIR and/or --aid DIR")
     models = {"encoder": args.model}
     if args.transfer_model:
-        models["stepwise transfer"] = args.transfer_model
+        models["stepwise transfer"] = parse_transfer_models(args.transfer_model, list(datasets))
     for out in (args.out, args.markdown):
         if out:
             check_destination(out, "results file")
@@ -1078,7 +1106,9 @@ def register_cli(sub) -> None:
     p.add_argument("--hirise-classes", nargs="+", help=f"classes to use (default: {' '.join(HIRISE_CLASSES)})")
     p.add_argument("--aid", help="AID folder (<Class>/*.jpg; all classes)")
     p.add_argument("--model", default=None, help="the encoder (default: the shipped model)")
-    p.add_argument("--transfer-model", help="model after the stepwise transfer (transfer --step 1)")
+    p.add_argument("--transfer-model", nargs="+",
+                   help="model after the stepwise transfer (transfer --step 1), for every dataset; or one per "
+                        "dataset as HiRISE=FILE AID=FILE (step 1 on that dataset's labelled training images)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--draws", type=int, default=10, help="random support draws per k (default: 10)")
     p.add_argument("--max-per-class", type=int, default=60, help="held-out images used per class (default: 60)")

@@ -47,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "contrastive_loss",
     "batch_pair_loss",
+    "proxy_class_loss",
     "train",
     "state_path_for",
     "default_cache_dir",
@@ -84,7 +85,10 @@ class TrainConfig:
         (views are cropped from them). embedding_dim: embedding size (architecture default when
         ``None``). test_fraction: held-out share. schedule: ``cosine`` or ``constant`` lr.
         cache_dir: decoded-patch cache (``None``: no disk cache). threads: torch CPU threads.
-        arch_params: extra architecture parameters.
+        arch_params: extra architecture parameters. class_loss: weight of the auxiliary
+        class loss (:func:`proxy_class_loss`; 0 = contrastive loss only). class_scale: its
+        logit scale. class_targets: ``all`` (every group has its proxy) or ``non_analog`` (groups
+        with a cross-group analog are left to the contrastive loss alone).
     """
 
     data: str = field(default_factory=lambda: str(default_data_root()))
@@ -109,6 +113,9 @@ class TrainConfig:
     threads: int = 2
     arch_params: dict = field(default_factory=dict)
     eval_pairs: int = 4000
+    class_loss: float = 0.0
+    class_scale: float = 16.0
+    class_targets: str = "all"
 
 
 # -- loss ----------------------------------------------------------------------------------------
@@ -165,6 +172,34 @@ def batch_pair_loss(z, group_ids, table_tensor, margin: float):
     return loss, stats
 
 
+def proxy_class_loss(z, group_ids, proxies, scale: float):
+    """Cross-entropy of cosine-similarity logits against one learned proxy per group.
+
+    An auxiliary to the contrastive loss: every view is scored against all groups at once (not
+    only against the few partners in its batch), which gives the 30 AID scene classes a signal per
+    view. The embedding stays the one the search uses (the Euclidean distance between
+    L2-normalised embeddings is a monotone function of their cosine).
+    """
+    import torch
+
+    if not bool((group_ids >= 0).any()):
+        return z.new_zeros(())
+    logits = scale * torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(proxies, dim=1).T
+    return torch.nn.functional.cross_entropy(logits, group_ids, ignore_index=-100)
+
+
+def class_targets(table: PairTable, mode: str) -> np.ndarray:
+    """Class-loss target of each group: its own index, or -100 (left out) for groups with an analog
+    in another group when ``mode`` is ``non_analog``."""
+    targets = np.arange(len(table.groups), dtype=np.int64)
+    if mode == "non_analog":
+        analog = (table.table == 1).sum(axis=1) > 1
+        targets[analog] = -100
+    elif mode != "all":
+        raise InputError(f"Unknown class-loss targets '{mode}'", "Use --class-targets all or non_analog")
+    return targets
+
+
 # -- training ------------------------------------------------------------------------------------
 
 def _arch_params(config: TrainConfig) -> tuple[dict, int]:
@@ -183,7 +218,8 @@ def _arch_params(config: TrainConfig) -> tuple[dict, int]:
     return params, dim
 
 
-def _save_state(path: Path, network, optimizer, epoch: int, history: list, config: TrainConfig) -> None:
+def _save_state(path: Path, network, optimizer, epoch: int, history: list, config: TrainConfig,
+                proxies=None) -> None:
     import torch
 
     payload = {
@@ -193,6 +229,8 @@ def _save_state(path: Path, network, optimizer, epoch: int, history: list, confi
         "history": json.dumps(history),
         "config": json.dumps(asdict(config)),
     }
+    if proxies is not None:
+        payload["proxies"] = proxies.detach().cpu()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -242,7 +280,12 @@ def train(config: TrainConfig, feedback=None) -> dict:
     torch.manual_seed(config.seed)
     network = build_network(config.arch, config.input_size, embedding_dim=dim, **params).to(device)
     n_params = sum(p.numel() for p in network.parameters())
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    train_params = list(network.parameters())
+    proxies = None
+    if config.class_loss > 0:
+        proxies = torch.nn.Parameter(torch.randn(len(table.groups), dim, device=device) * 0.1)
+        train_params.append(proxies)
+    optimizer = torch.optim.Adam(train_params, lr=config.lr, weight_decay=config.weight_decay)
     # The paper expands the training set x10 with augmented copies; here every view is freshly
     # augmented, and --augment N means each training image is seen as about N views over the run.
     pairs_per_epoch = config.pairs_per_epoch or max(
@@ -257,6 +300,8 @@ def train(config: TrainConfig, feedback=None) -> dict:
         try:
             state = torch.load(config.resume, map_location="cpu", weights_only=True)
             network.load_state_dict(state["model"])
+            if proxies is not None:
+                proxies.data.copy_(state["proxies"].to(device))
             optimizer.load_state_dict(state["optimizer"])
         except Exception as exc:
             raise InputError(f"Cannot resume from '{config.resume}': {exc}",
@@ -273,6 +318,7 @@ def train(config: TrainConfig, feedback=None) -> dict:
 
     table_t = torch.from_numpy(table.table.astype(np.int64)).to(device)
     group_t = torch.from_numpy(group_ids)
+    class_t = torch.from_numpy(class_targets(table, config.class_targets)).to(device)
     fb.log(f"training {config.arch} ({n_params:,} parameters) on {device}: {config.epochs} epochs x {steps} "
            f"batches of {config.batch_size} pairs, margin {config.margin}")
     metrics: dict = history[-1]["held_out"] if history else {}
@@ -291,7 +337,11 @@ def train(config: TrainConfig, feedback=None) -> dict:
             for pg in optimizer.param_groups:
                 pg["lr"] = lr_at(epoch * steps + step)
             z = network(views)
-            loss, stats = batch_pair_loss(z, group_t[idx].to(device), table_t, config.margin)
+            views_groups = group_t[idx].to(device)
+            loss, stats = batch_pair_loss(z, views_groups, table_t, config.margin)
+            if proxies is not None:
+                loss = loss + config.class_loss * proxy_class_loss(z, class_t[views_groups], proxies,
+                                                                   config.class_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -312,7 +362,7 @@ def train(config: TrainConfig, feedback=None) -> dict:
         fb.log(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}  held-out pair accuracy "
                f"{metrics['pair_accuracy']:.4f}  roc_auc {metrics['roc_auc']:.4f}  {maps}  ({row['seconds']} s)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        _save_state(state_file, network, optimizer, epoch + 1, history, config)
+        _save_state(state_file, network, optimizer, epoch + 1, history, config, proxies)
 
     split = split_record(dataset, held_out, config.seed, config.test_fraction)
     trained_on = sorted({r.source for r in train_records})
@@ -325,7 +375,9 @@ def train(config: TrainConfig, feedback=None) -> dict:
                      "counts": split["counts"]},
             "pairs": ["same class = similar", *table.describe(), "all other pairs = dissimilar"],
             "loss": f"contrastive, margin {config.margin}, all labelled in-batch pairs "
-                    "(dissimilar ones averaged over those inside the margin)",
+                    "(dissimilar ones averaged over those inside the margin)"
+                    + (f"; plus {config.class_loss} x cosine-proxy class cross-entropy (scale {config.class_scale}, "
+                       f"{config.class_targets} groups)" if config.class_loss > 0 else ""),
             "epochs": config.epochs, "pairs_per_epoch": steps * config.batch_size, "batch_size": config.batch_size,
             "optimizer": f"Adam lr {config.lr} ({config.schedule}), weight decay {config.weight_decay}",
             "augment": f"x{config.augment}: rotation (any angle, flips), crop 75-100 % (scale), blur, gamma, noise; "
@@ -361,7 +413,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=args.out or str(DEFAULT_OUT if args.arch == "compact" else DEFAULT_OUT.with_name("siamese_paper.pt")),
         resume=args.resume or None, augment=args.augment, pairs_per_epoch=args.pairs_per_epoch,
         embedding_dim=args.embedding_dim, test_fraction=args.test_fraction, schedule=args.schedule,
-        cache_dir=None if args.no_cache else args.cache_dir, threads=args.threads)
+        cache_dir=None if args.no_cache else args.cache_dir, threads=args.threads,
+        class_loss=args.class_loss, class_scale=args.class_scale, class_targets=args.class_targets,
+        arch_params={"pooling": args.pooling} if args.pooling else {})
     train(config, ConsoleFeedback(quiet=args.quiet))
     return 0
 
@@ -394,5 +448,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="decoded-patch cache (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="decode images without a disk cache")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
+    p.add_argument("--pooling", choices=("meanstd", "center"), default=None,
+                   help="compact network pooling (default: the architecture default)")
+    p.add_argument("--class-loss", type=float, default=d.class_loss,
+                   help="weight of the auxiliary cosine-proxy class loss (0: contrastive only)")
+    p.add_argument("--class-scale", type=float, default=d.class_scale, help="logit scale of the class loss")
+    p.add_argument("--class-targets", choices=("all", "non_analog"), default=d.class_targets,
+                   help="groups scored by the class loss: all, or only those without a cross-group analog")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)

@@ -95,3 +95,35 @@ def test_missing_required_option_is_a_usage_error(capsys):
         main(["search"])
     assert exit_info.value.code == 2
     assert "--raster" in capsys.readouterr().err
+
+
+def test_evaluate_with_fewshot_prints_retrieval_and_k_shot_tables(tiny_model, tmp_path, capsys):
+    """`evaluate --fewshot` on a tiny data folder in the project layout (HiRISE + AID classes)."""
+    import json
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    looks = {"crater": lambda: ((yy - 32) ** 2 + (xx - 32) ** 2 < rng.uniform(80, 300)) * 200,
+             "dark_dune": lambda: 120 + 100 * np.sin(xx / rng.uniform(2, 4)),
+             "bright_dune": lambda: 120 + 100 * np.sin((xx + yy) / rng.uniform(5, 8)),
+             "other": lambda: rng.uniform(0, 255, (64, 64)),
+             "Desert": lambda: 120 + 100 * np.sin(yy / rng.uniform(2, 4)),
+             "Forest": lambda: rng.uniform(0, 80, (64, 64))}
+    for cls, look in looks.items():
+        folder = tmp_path / "data" / ("earth/aid" if cls[0].isupper() else "mars/hirise_landmarks") / cls
+        folder.mkdir(parents=True)
+        for scene in range(4):
+            for k in range(3):
+                name = f"{cls}_{scene}-{k}.png" if cls[0].islower() else f"{cls}_{scene}_{k}.png"
+                Image.fromarray(np.clip(look(), 0, 255).astype(np.uint8)).save(folder / name)
+    out = tmp_path / "eval.json"
+    rc = main(["evaluate", "--model", tiny_model, "--data", str(tmp_path / "data"), "--seed", "0",
+               "--test-fraction", "0.5", "--no-cache", "--quiet", "--fewshot", "--shots", "1", "--draws", "2",
+               "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mars_map" in printed and "earth_map" in printed
+    report = json.loads(out.read_text())["fewshot"]
+    rows = {(r["dataset"], r["method"], r["k"]) for r in report["results"]}
+    assert {(d, m, 1) for d in ("HiRISE", "AID") for m in ("encoder", "texture baseline")} <= rows
+    assert all(0.0 <= r["mean"] <= 1.0 and len(r["accuracies"]) == 2 for r in report["results"])

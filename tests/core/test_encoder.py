@@ -51,6 +51,39 @@ class TestCompactNetwork:
         with pytest.raises(ModelError, match="Unknown encoder architecture"):
             build_network("resnet9000")
 
+    def test_center_pooling_tells_a_central_object_from_the_same_object_off_centre(self):
+        torch.manual_seed(0)
+        net = build_network("compact", 100, embedding_dim=16, pooling="center").eval()
+        first = [m for m in net.head.modules() if isinstance(m, torch.nn.Linear)][0]
+        assert first.in_features == 4 * 128  # whole-patch and central mean/std of 128 maps
+        yy, xx = np.mgrid[0:100, 0:100]
+        centre = ((yy - 50) ** 2 + (xx - 50) ** 2 < 15 ** 2).astype(np.float32)
+        corner = ((yy - 18) ** 2 + (xx - 18) ** 2 < 15 ** 2).astype(np.float32)
+        x = torch.from_numpy(np.stack([centre, corner, np.rot90(corner).copy()]))[:, None]
+        with torch.no_grad():
+            f = net.trunk(x)
+            h, w = f.shape[-2:]
+            whole = f.mean(dim=(2, 3))
+            mid = f[:, :, h // 4:h - h // 4, w // 4:w - w // 4].mean(dim=(2, 3))
+            z = net(x)
+        # The whole-patch statistics barely see where the disc lies; the central ones do.
+        assert (mid[0] - mid[1]).norm() > 2 * (whole[0] - whole[1]).norm()
+        assert z.shape == (3, 16) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+
+    def test_unknown_pooling(self):
+        with pytest.raises(ModelError, match="Unknown pooling 'max'"):
+            build_network("compact", 100, pooling="max")
+
+    def test_pooling_is_kept_in_the_model_file(self, tmp_path):
+        net = build_network("compact", 32, embedding_dim=8, widths=(4, 8), pooling="center")
+        save_model(tmp_path / "c.pt", net, ModelMetadata(architecture="compact", input_size=32, embedding_dim=8,
+                                                           arch_params={"widths": [4, 8], "pooling": "center"}))
+        enc = load_model(tmp_path / "c.pt", "cpu")
+        x = np.random.default_rng(1).random((2, 32, 32), dtype=np.float32)
+        with torch.no_grad():
+            expected = net.eval()(torch.from_numpy(normalise_patches(x, {"mode": "per_patch"}))[:, None]).numpy()
+        assert np.allclose(enc.embed(x), expected, atol=1e-5)
+
 
 class TestNormalisation:
     def test_per_patch_removes_brightness_and_contrast(self):

@@ -24,6 +24,7 @@ from siamese_analog_plugin.core.fewshot import (
     classify_folder,
     evaluate_fewshot,
     load_labelled_folder,
+    parse_transfer_models,
     read_labelled_features,
     register_cli,
     run_fewshot_map,
@@ -339,6 +340,29 @@ class TestSplitAndEvaluation:
         texture3 = next(r for r in report["results"] if r["method"] == "texture baseline" and r["k"] == 3)
         assert texture3["mean"] > 0.9  # stripes, speckle and blobs are trivially told apart by texture
         assert report["facts"]["datasets"]["synthetic"]["images"] == {"blobs": 8, "speckle": 8, "stripes": 8}
+
+    def test_a_transfer_model_per_dataset_scores_only_its_dataset(self, tiny_model, tmp_path):
+        a = make_class_folder(tmp_path / "a", {"stripes": 5, "speckle": 5})
+        b = make_class_folder(tmp_path / "b", {"stripes": 5, "blobs": 5})
+        everything = {str(p.resolve()) for p in tmp_path.rglob("*.png")}
+        models = {"encoder": tiny_model, "stepwise transfer": parse_transfer_models(["A=" + tiny_model], ["A", "B"])}
+        report = evaluate_fewshot({"A": (str(a), None), "B": (str(b), None)}, models, shots=(1,), draws=2,
+                                  max_per_class=5, texture=False, split=HeldOutSplit(everything, "all"))
+        rows = {(r["dataset"], r["method"]) for r in report["results"]}
+        assert rows == {("A", "encoder"), ("A", "stepwise transfer"), ("B", "encoder")}
+        assert set(report["facts"]["models"]) == {"encoder", "stepwise transfer (A)"}
+        # The same weights give the same accuracies on the same draws.
+        acc = {(r["dataset"], r["method"]): r["accuracies"] for r in report["results"]}
+        assert acc["A", "encoder"] == acc["A", "stepwise transfer"]
+
+    def test_transfer_model_arguments(self):
+        assert parse_transfer_models(["m.pt"], ["HiRISE", "AID"]) == "m.pt"
+        assert parse_transfer_models(["HiRISE=h.pt", "AID=a.pt"], ["HiRISE", "AID"]) == {"HiRISE": "h.pt",
+                                                                                           "AID": "a.pt"}
+        with pytest.raises(InputError, match="name each one's dataset"):
+            parse_transfer_models(["h.pt", "a.pt"], ["HiRISE", "AID"])
+        with pytest.raises(InputError, match="'Moon', which is not evaluated"):
+            parse_transfer_models(["Moon=m.pt"], ["HiRISE", "AID"])
 
 
 def test_support_set_counts():

@@ -22,7 +22,9 @@ from siamese_analog_plugin.core.errors import InputError  # noqa: E402
 from siamese_analog_plugin.core.training import (  # noqa: E402
     TrainConfig,
     batch_pair_loss,
+    class_targets,
     contrastive_loss,
+    proxy_class_loss,
     state_path_for,
     train,
 )
@@ -168,6 +170,29 @@ class TestLoss:
         assert stats["d_similar"] == pytest.approx(0.3, abs=1e-4)
 
 
+    def test_proxy_class_loss_is_low_when_each_view_points_at_its_proxy(self):
+        proxies = torch.eye(3, 4)
+        groups = torch.tensor([0, 1, 2])
+        right = proxy_class_loss(torch.eye(3, 4) * 5, groups, proxies, scale=16.0)
+        wrong = proxy_class_loss(torch.eye(3, 4)[[1, 2, 0]], groups, proxies, scale=16.0)
+        assert float(right) < 1e-3 < 1.0 < float(wrong)  # length of z does not matter (cosine)
+        z = torch.zeros(1, 4, requires_grad=True)
+        with torch.no_grad():
+            z += torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+        proxy_class_loss(z, torch.tensor([0]), proxies, scale=16.0).backward()
+        assert z.grad[0, 0] < 0 < z.grad[0, 1]  # moved towards proxy 0, away from proxy 1
+
+
+    def test_class_targets_leave_analog_groups_to_the_contrastive_loss(self):
+        table = PairTable(["mars:crater", "mars:dark_dune", "earth:dune_field", "earth:Forest"])
+        assert class_targets(table, "all").tolist() == [0, 1, 2, 3]
+        assert class_targets(table, "non_analog").tolist() == [0, -100, -100, 3]
+        with pytest.raises(InputError, match="class-loss targets"):
+            class_targets(table, "some")
+        z = torch.randn(2, 4)
+        assert float(proxy_class_loss(z, torch.tensor([-100, -100]), torch.eye(4), 16.0)) == 0.0
+
+
 class TestTrainingLoop:
     def test_trains_saves_loadable_model_and_lowers_loss(self, folders, tmp_path):
         cfg = _config(folders, tmp_path, epochs=4, pairs_per_epoch=128, lr=3e-3)
@@ -192,6 +217,21 @@ class TestTrainingLoop:
         assert [h["epoch"] for h in resumed["history"]] == [1, 2]
         a = load_model(full["out"], "cpu").network.state_dict()
         b = load_model(resumed["out"], "cpu").network.state_dict()
+        for key in a:
+            assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+    def test_class_loss_and_center_pooling_train_and_resume_exactly(self, folders, tmp_path):
+        kw = dict(schedule="constant", class_loss=1.0, arch_params={"widths": [4, 8], "stem_stride": 1,
+                                                                  "stem_kernel": 3, "pooling": "center"})
+        full = train(_config(folders, tmp_path / "full", epochs=2, **kw))
+        first = train(_config(folders, tmp_path / "part", epochs=1, **kw))
+        resumed = train(_config(folders, tmp_path / "part", epochs=2, resume=first["state"], **kw))
+        enc = load_model(full["out"], "cpu")
+        assert enc.metadata.arch_params["pooling"] == "center"
+        assert "cosine-proxy class" in enc.metadata.training["loss"]
+        # The proxies are part of the training state: without them the resumed run would differ.
+        assert "proxies" in torch.load(first["state"], weights_only=True)
+        a, b = enc.network.state_dict(), load_model(resumed["out"], "cpu").network.state_dict()
         for key in a:
             assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
