@@ -47,7 +47,7 @@ ARCHITECTURES = ("paper", "compact")
 DEFAULT_MODEL_NAME = "siamese_compact.pt"
 # Defaults of the compact network (trained model files record their own values).
 COMPACT_DEFAULTS = {"widths": (16, 32, 64, 128), "l2_normalise": True, "stem_stride": 2, "stem_kernel": 5,
-                    "pooling": "meanstd"}
+                    "pooling": "center"}
 POOLINGS = ("meanstd", "center")
 
 
@@ -139,15 +139,18 @@ def build_network(architecture: str, input_size: int = 100, **params: Any):
                                           nn.Linear(2 * channels, dim))
                 self.l2 = l2
 
-            def forward(self, x):
+            def features(self, x):
+                """The pooled statistics the head reads (what step-2 adaptation keeps frozen)."""
                 f = self.trunk(x)
                 stats = [f.mean(dim=(2, 3)), f.std(dim=(2, 3))]
                 if n_stats == 4:
                     h, w = f.shape[-2:]
                     c = f[:, :, h // 4:h - h // 4, w // 4:w - w // 4]
                     stats += [c.mean(dim=(2, 3)), c.std(dim=(2, 3))]
-                pooled = torch.cat(stats, dim=1)
-                z = self.head(pooled)
+                return torch.cat(stats, dim=1)
+
+            def forward(self, x):
+                z = self.head(self.features(x))
                 return torch.nn.functional.normalize(z, dim=1) if self.l2 else z
 
         return CompactEncoder()

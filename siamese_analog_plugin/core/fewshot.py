@@ -718,6 +718,9 @@ class HeldOutSplit:
     source: str
     test_share: float = 0.2
     _computed: dict = field(default_factory=dict, repr=False)
+    # The split file's own keys (paths under its data folder, e.g. mars/hirise_landmarks/crater/x.jpg):
+    # they still match when the data folder sits somewhere else on this machine.
+    relative_keys: set = field(default_factory=set, repr=False)
 
     @classmethod
     def load(cls, split_file: str | os.PathLike | None = None, model: str | os.PathLike | None = None) -> HeldOutSplit:
@@ -736,20 +739,33 @@ class HeldOutSplit:
         path = next((c for c in candidates if c.exists()), None)
         if path is None:
             return cls(None, "whole scenes, 20 % of every class (datasets.split_by_scene, seed 0; no split.json found)")
+        from .datasets import default_data_root
+
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            root = Path(data["data_root"])
-            keys = {str((root / k.split("#", 1)[0]).resolve()) for k in data["held_out"]}
+            # "shared/data" is the project's data folder (datasets.split_record), wherever it is.
+            root = default_data_root() if data["data_root"] == "shared/data" else Path(data["data_root"])
+            relative = {k.split("#", 1)[0] for k in data["held_out"]}
+            keys = {str((root / k).resolve()) for k in relative}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"The split file '{path}' cannot be read: {exc}",
                              "Use the .split.json written by the train command") from exc
-        return cls(keys, f"{path} (seed {data.get('seed')}, {len(keys)} held-out images)")
+        return cls(keys, f"{path} (seed {data.get('seed')}, {len(keys)} held-out images)", relative_keys=relative)
+
+    def is_held_out(self, path: str | os.PathLike, held: set) -> bool:
+        """Whether ``path`` is one of ``held`` (:meth:`held_out_of`), or one of the split file's
+        images under another data folder (its last path parts equal a key)."""
+        resolved = Path(path).resolve()
+        if str(resolved) in held:
+            return True
+        return any("/".join(resolved.parts[-n:]) in self.relative_keys
+                   for n in {len(Path(k).parts) for k in self.relative_keys})
 
     def part_of(self, path: str | os.PathLike) -> str:
         """``"train"`` or ``"test"`` of an image under a split file (see :func:`split_files` otherwise)."""
         if self.held_out is None:
             raise InputError("This split has no list of held-out images", "Use split_files(root, ...)")
-        return "test" if str(Path(path).resolve()) in self.held_out else "train"
+        return "test" if self.is_held_out(path, self.held_out) else "train"
 
     def held_out_of(self, root: str | os.PathLike) -> set:
         """The held-out images under a ``<class>/*`` folder: those of the split file, or else
@@ -782,7 +798,7 @@ def split_files(root: str | os.PathLike, classes: list[str] | None = None, part:
         raise InputError(f"'{root}' has no class folder(s) {', '.join(missing)}",
                          f"Its classes are: {', '.join(sorted(found))}")
     held = split.held_out_of(root)
-    return {c: [p for p in found[c] if (str(p.resolve()) in held) == (part == "test")] for c in names}
+    return {c: [p for p in found[c] if split.is_held_out(p, held) == (part == "test")] for c in names}
 
 
 # ----------------------------------------------------------------------------------------

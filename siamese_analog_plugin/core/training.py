@@ -93,7 +93,7 @@ class TrainConfig:
 
     data: str = field(default_factory=lambda: str(default_data_root()))
     arch: str = "compact"
-    epochs: int = 24
+    epochs: int = 48
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 5e-4
@@ -113,9 +113,9 @@ class TrainConfig:
     threads: int = 2
     arch_params: dict = field(default_factory=dict)
     eval_pairs: int = 4000
-    class_loss: float = 0.0
+    class_loss: float = 1.0
     class_scale: float = 16.0
-    class_targets: str = "all"
+    class_targets: str = "non_analog"
 
 
 # -- loss ----------------------------------------------------------------------------------------

@@ -71,10 +71,8 @@ def split_network(encoder: AnalogEncoder, batch_size: int = 128) -> NetworkSplit
     paper: the last fully connected layer)."""
     torch = _torch()
     net = encoder.network
-    if hasattr(net, "trunk") and hasattr(net, "head"):
-        def frozen(x):
-            f = net.trunk(x)
-            return torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], dim=1)
+    if hasattr(net, "features") and hasattr(net, "head"):
+        frozen = net.features
 
         l2 = bool(getattr(net, "l2", True))
 

@@ -47,9 +47,11 @@ def tiny_model(tmp_path_factory):
     from siamese_analog_plugin.core.encoder import ModelMetadata, build_network, save_model
 
     torch.manual_seed(0)
-    net = build_network("compact", 100, embedding_dim=8, widths=(4, 8))
+    # Tiny and untrained; the whole-patch pooling keeps the few-shot tests' separations stable.
+    net = build_network("compact", 100, embedding_dim=8, widths=(4, 8), pooling="meanstd")
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, net, ModelMetadata("compact", 100, 8, {"widths": [4, 8]}, training={"note": "test"}))
+    save_model(path, net, ModelMetadata("compact", 100, 8, {"widths": [4, 8], "pooling": "meanstd"},
+                                        training={"note": "test"}))
     return str(path)
 
 

@@ -327,6 +327,23 @@ class TestSplitAndEvaluation:
                                                                       "stripes": ["img_stripes_0.png"]}
         assert sum(len(v) for v in train.values()) == 4
 
+    def test_split_json_keys_match_a_data_folder_anywhere(self, tmp_path):
+        # The train command writes keys relative to the project's data folder ("shared/data"); the
+        # same images in another folder on another machine are still recognised as held out.
+        folder = make_class_folder(tmp_path / "elsewhere" / "mars" / "hirise_landmarks", {"stripes": 3, "speckle": 3})
+        split_file = tmp_path / "m.split.json"
+        split_file.write_text(json.dumps({"data_root": "shared/data", "seed": 0, "held_out": [
+            "mars/hirise_landmarks/stripes/img_stripes_1.png", "mars/hirise_landmarks/speckle/img_speckle_0.png",
+            "earth/dune_fields/site/scene_test.jpg#0,0,150"]}))
+        split = HeldOutSplit.load(split_file)
+        test = split_files(folder, None, "test", split)
+        assert {c: [p.name for p in v] for c, v in test.items()} == {"stripes": ["img_stripes_1.png"],
+                                                                      "speckle": ["img_speckle_0.png"]}
+        assert split.part_of(folder / "stripes" / "img_stripes_0.png") == "train"
+        # A file of the same name in a folder of another name is not a held-out image.
+        other = make_class_folder(tmp_path / "other_set", {"stripes": 3})
+        assert split_files(other, None, "test", split) == {"stripes": []}
+
     def test_kshot_evaluation_reports_every_method_and_k(self, tiny_model, tmp_path):
         data = make_class_folder(tmp_path / "data", {"stripes": 8, "speckle": 8, "blobs": 8})
         everything = {str(p.resolve()) for p in data.rglob("*.png")}
