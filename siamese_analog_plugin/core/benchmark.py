@@ -3,7 +3,8 @@
 One run makes its own rasters (a multi-scale texture, tiled GeoTIFF, some nodata) and prints:
 
 * end-to-end cells/s of :func:`run_search` (outputs written) and the model-only bound (the
-  encoder alone on a tensor already in memory, same batch size), and their ratio;
+  encoder alone on a tensor already in memory, same batch size), and their ratio; with the
+  process CPU time a cell costs in each (on a shared machine, the steadier figure);
 * the same search written the naive way (open, read, encode one cell at a time) and the
   speed-up over it;
 * peak RSS at three area sizes, each measured in a fresh subprocess (``VmHWM``);
@@ -140,8 +141,9 @@ def peak_rss_mb() -> float:
 
 
 # -- measurements ------------------------------------------------------------------------
-def _model_only(encoder, x, cells: int) -> tuple[float, int]:
-    """Cells/s of the encoder alone on a tensor already in memory, and the CPU threads used.
+def _model_only(encoder, x, cells: int) -> tuple[float, int, float]:
+    """Cells/s of the encoder alone on a tensor already in memory, the CPU threads used, and the
+    process CPU time per cell (ms) of that run.
 
     On CPU it is timed with torch's threads (one per core) and with one fewer, and the faster
     counts: the bound is the best the encoder can do on its own.
@@ -152,18 +154,19 @@ def _model_only(encoder, x, cells: int) -> tuple[float, int]:
 
     before = torch.get_num_threads()
     options = [before, before - 1] if encoder.device.type == "cpu" and before > 1 else [before]
-    best = (0.0, before)
+    best = (0.0, before, float("nan"))
     try:
         for threads in options:
             torch.set_num_threads(threads)
             _embed_batch(encoder, x, None)  # warm-up
             reps = max(1, math.ceil(cells / len(options) / len(x)))
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             for _ in range(reps):
                 _embed_batch(encoder, x, None)
             if encoder.device.type == "cuda":
                 torch.cuda.synchronize()
-            best = max(best, (reps * len(x) / (time.perf_counter() - t), threads))
+            rate = reps * len(x) / (time.perf_counter() - t)
+            best = max(best, (rate, threads, 1e3 * (time.process_time() - cpu) / (reps * len(x))))
     finally:
         torch.set_num_threads(before)
     return best
@@ -210,8 +213,9 @@ def _search(raster: str, reference: str, cell_size_m: float, encoder, batch_size
     params = SearchParams(raster, reference, cell_size_m=cell_size_m, batch_size=batch_size, force=True,
                           cache_dir=cache_dir)
     tif, gpkg = (str(out_dir / "dissimilarity.tif"), str(out_dir / "cells.gpkg")) if write else (None, None)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     result = run_search(params, tif, gpkg, encoder=encoder)
+    result.extra["process_cpu_s"] = time.process_time() - cpu
     return result, time.perf_counter() - t
 
 
@@ -296,17 +300,21 @@ def run_benchmark(cells: int = 4096, rss_cells: tuple[int, ...] = (1000, 10000, 
             patches, _ = read_cells(reader, grid, np.arange(min(batch_size, len(grid))), size,
                                     plan_reads(describe_raster(raster), grid, size))
         x = encoder.to_tensor(np.resize(patches, (batch_size, size, size)))
-        (model_a, threads_a) = _model_only(encoder, x, len(grid) // 2)
+        model_a, threads_a, cpu_a = _model_only(encoder, x, len(grid) // 2)
         out = work / "e2e"
         out.mkdir(exist_ok=True)
         result, e2e_s = _search(raster, refs[0], cell_m, encoder, batch_size, out)
-        (model_b, threads_b) = _model_only(encoder, x, len(grid) // 2)
+        model_b, threads_b, cpu_b = _model_only(encoder, x, len(grid) // 2)
         model_rate = (model_a + model_b) / 2
         e2e_rate = len(grid) / e2e_s
+        e2e_cpu = 1e3 * result.extra["process_cpu_s"] / len(grid)
         log(f"End to end : {e2e_rate:10,.1f} cells/s ({len(grid):,} cells in {e2e_s:.1f} s, outputs written; "
-            f"{result.extra.get('read_mode')} reads, {result.extra.get('reader_threads')} reader threads)")
+            f"{result.extra.get('read_mode')} reads, {result.extra.get('reader_threads')} reader threads; "
+            f"encoder busy {result.extra.get('encode_seconds', 0):.1f} s, waiting for batches "
+            f"{result.extra.get('wait_seconds', 0):.1f} s; {e2e_cpu:.2f} ms CPU a cell)")
         log(f"Model only : {model_rate:10,.1f} cells/s (encoder alone on an in-memory batch of {batch_size}; "
-            f"{model_a:,.1f} before, {model_b:,.1f} after, best of {threads_a}/{threads_b} CPU threads)")
+            f"{model_a:,.1f} before, {model_b:,.1f} after, best of {threads_a}/{threads_b} CPU threads; "
+            f"{(cpu_a + cpu_b) / 2:.2f} ms CPU a cell)")
         log(f"             the search kept {result.extra.get('torch_threads')} encoder thread(s)")
         log(f"Ratio      : {e2e_rate / model_rate:10.2f}")
 
@@ -334,6 +342,9 @@ def run_benchmark(cells: int = 4096, rss_cells: tuple[int, ...] = (1000, 10000, 
             "e2e_cells_per_s": round(e2e_rate, 1),
             "model_cells_per_s": round(model_rate, 1),
             "ratio_to_model": round(e2e_rate / model_rate, 3),
+            "e2e_cpu_ms_per_cell": round(e2e_cpu, 3),
+            "model_cpu_ms_per_cell": round((cpu_a + cpu_b) / 2, 3),
+            "encoder_wait_s": result.extra.get("wait_seconds"),
             "naive_cells_per_s": round(naive_rate, 2),
             "speedup_vs_naive": round(e2e_rate / naive_rate, 1),
             "peak_rss_mb": {str(rss[n]["cells"]): rss[n]["peak_rss_mb"] for n in sizes},

@@ -91,33 +91,55 @@ class CachedEmbeddings:
 
 
 class CacheWriter:
-    """Fills a new cache entry batch by batch (memory-mapped files, not RAM), then commits it."""
+    """Fills a new cache entry batch by batch, then commits it.
+
+    Batches come in cell order and their embeddings are appended to the file as they come
+    (NaN rows for cells that were not encoded), so the entry costs no memory: a memory-mapped
+    array would keep every page written resident until the end.
+    """
 
     def __init__(self, cache: EmbeddingCache, key: str, n: int, dim: int, facts: dict) -> None:
         self.cache, self.key, self.facts = cache, key, facts
+        self.n, self.dim = n, dim
         tag = f".partial-{os.getpid()}-{id(self):x}"
         self.tmp_emb = cache.folder / f"{key}.emb{tag}.npy"
         self.tmp_valid = cache.folder / f"{key}.valid{tag}.npy"
-        self.emb = np.lib.format.open_memmap(self.tmp_emb, mode="w+", dtype=np.float32, shape=(n, dim))
-        self.emb[:] = np.nan
-        self.valid = np.lib.format.open_memmap(self.tmp_valid, mode="w+", dtype=np.float32, shape=(n,))
+        self.valid = np.zeros(n, dtype=np.float32)
+        self._next = 0
+        self._file = open(self.tmp_emb, "wb")  # closed in commit() or discard()
+        try:
+            np.lib.format.write_array_header_1_0(
+                self._file, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+                             "shape": (n, dim)})
+        except OSError:
+            self.discard()
+            raise
 
     def store(self, idx: np.ndarray, valid: np.ndarray, ok: np.ndarray, embeddings: np.ndarray | None) -> None:
-        """Record a batch: valid shares of cells ``idx`` and the embeddings of ``idx[ok]``."""
+        """Record a batch: valid shares of cells ``idx`` (the next cells, in order) and the
+        embeddings of ``idx[ok]``."""
+        idx = np.asarray(idx)
+        if idx.size == 0:
+            return
+        if idx[0] != self._next or idx[-1] - idx[0] + 1 != idx.size:
+            raise ValueError(f"cache batches must come in cell order: expected cell {self._next}, got {idx[0]}")
         self.valid[idx] = valid
+        rows = np.full((idx.size, self.dim), np.nan, dtype="<f4")
         if embeddings is not None and len(embeddings):
-            self.emb[idx[ok]] = embeddings
+            rows[ok] = embeddings
+        self._file.write(rows.tobytes())
+        self._next = int(idx[-1]) + 1
 
     def commit(self, min_valid: float) -> None:
         """Move the files into place and write the header (which makes the entry visible)."""
-        self.emb.flush()
-        self.valid.flush()
-        n, dim = self.emb.shape
-        del self.emb, self.valid  # close the maps before renaming (Windows)
+        if self._next != self.n:
+            raise ValueError(f"the cache entry is incomplete: {self._next} of {self.n} cells")
+        self._file.close()
+        np.save(self.tmp_valid, self.valid)
         folder = self.cache.folder
         os.replace(self.tmp_emb, folder / f"{self.key}.emb.npy")
         os.replace(self.tmp_valid, folder / f"{self.key}.valid.npy")
-        header = {**self.facts, "cells": n, "embedding_dim": dim, "min_valid": float(min_valid),
+        header = {**self.facts, "cells": self.n, "embedding_dim": self.dim, "min_valid": float(min_valid),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = folder / f"{self.key}.json.partial-{os.getpid()}"
         tmp.write_text(json.dumps(header, indent=1, sort_keys=True))
@@ -125,8 +147,7 @@ class CacheWriter:
 
     def discard(self) -> None:
         """Drop an unfinished entry (cancel or error)."""
-        with contextlib.suppress(AttributeError):
-            del self.emb, self.valid
+        self._file.close()
         for p in (self.tmp_emb, self.tmp_valid):
             with contextlib.suppress(OSError):
                 p.unlink()

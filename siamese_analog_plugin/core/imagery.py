@@ -103,6 +103,7 @@ class GreyReader:
                  stretch: tuple[float, float] | None = None) -> None:
         rasterio = _rasterio()
         self.path = str(path)
+        self._what = what
         self.ds = _open(path, what)
         ds = self.ds
         colour = [ci for ci in ds.colorinterp]
@@ -118,8 +119,20 @@ class GreyReader:
         else:
             self.bands = data_bands[:1] or [1]
         flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
-        all_valid = rasterio.enums.MaskFlags.all_valid
-        self.has_mask = any(all_valid not in f for f in flags)
+        mask_flags = rasterio.enums.MaskFlags
+        self.has_mask = any(mask_flags.all_valid not in f for f in flags)
+        # Masks that only say "this pixel holds the band's nodata value", on integer bands: for
+        # a read that is not resampled they are the pixels compared with that value, so they
+        # are computed from the pixels already read (GDAL would read every band again).
+        self._nodata = None
+        nodata = [ds.nodatavals[b - 1] for b in self.bands]
+        if self.has_mask and all(list(f) == [mask_flags.nodata] for f in flags) and \
+                all(np.dtype(ds.dtypes[b - 1]).kind in "iu" for b in self.bands) and \
+                all(v is not None and float(v).is_integer() for v in nodata):
+            self._nodata = [int(v) for v in nodata]
+        dtypes = {ds.dtypes[b - 1] for b in self.bands}
+        self._dtype = np.dtype(dtypes.pop()) if len(dtypes) == 1 else None  # of reads into a buffer
+        self._scratch = _Scratch()
         self._inverse = ~ds.transform
         self.lo, self.hi = stretch if stretch is not None else self._stretch()
 
@@ -142,40 +155,66 @@ class GreyReader:
         return float(lo), float(hi)
 
     # -- reads -------------------------------------------------------------------------
-    def _read_raw(self, window, out_shape, resampling=None):
-        """Grey (not stretched) and validity for a window at ``out_shape`` (rows, cols)."""
+    def _read_raw(self, window, out_shape, resampling=None, scratch: _Scratch | None = None):
+        """Grey (not stretched) and validity (``None``: all valid) for a window at ``out_shape``.
+
+        With ``scratch`` the pixels, grey and validity go into its buffers (no new memory).
+        """
         rs = resampling if resampling is not None else _resampling().average
-        data = self.ds.read(self.bands, window=window, out_shape=(len(self.bands), *out_shape), resampling=rs)
-        if len(self.bands) == 1:
-            grey = data[0].astype(np.float32)
+        shape = (len(self.bands), *out_shape)
+        if scratch is not None and self._dtype is not None:
+            data = self.ds.read(self.bands, window=window, out=scratch.get("pixels", shape, self._dtype),
+                                resampling=rs)
         else:
-            # Element-wise (not a BLAS dot) so a pixel's value does not depend on the size of
-            # the read: block reads and cell reads give identical patches.
-            grey = data[0].astype(np.float32) * LUMINANCE[0]
-            grey += data[1].astype(np.float32) * LUMINANCE[1]
-            grey += data[2].astype(np.float32) * LUMINANCE[2]
+            data = self.ds.read(self.bands, window=window, out_shape=shape, resampling=rs)
+        if scratch is not None:
+            grey = _luminance(data, scratch.get("grey", out_shape, np.float32),
+                              scratch.get("part", out_shape, np.float32))
+        else:
+            grey = _luminance(data)
         valid = None
         if self.has_mask:
-            masks = self.ds.read_masks(self.bands, window=window, out_shape=(len(self.bands), *out_shape),
-                                       resampling=_resampling().nearest)
-            valid = masks.min(axis=0) > 0
+            if self._nodata is not None and _not_resampled(window, out_shape):
+                valid = np.not_equal(data[0], self._nodata[0],
+                                     out=scratch.get("valid", out_shape, np.bool_) if scratch is not None else None)
+                for k in range(1, len(self.bands)):
+                    valid &= data[k] != self._nodata[k]
+            else:
+                masks = self.ds.read_masks(self.bands, window=window, out_shape=shape,
+                                           resampling=_resampling().nearest)
+                valid = masks.min(axis=0) > 0
         return grey, valid
 
-    def read_region(self, col_off: int, row_off: int, width: int, height: int, out_width: int, out_height: int):
+    def _to_unit(self, grey: np.ndarray, ok: np.ndarray | None, scratch: _Scratch | None = None) -> np.ndarray:
+        """Stretch grey to [0, 1] in place and set invalid pixels to 0.5."""
+        grey -= self.lo
+        grey /= self.hi - self.lo
+        np.maximum(grey, 0.0, out=grey)  # = np.clip(grey, 0, 1), which is several times slower
+        np.minimum(grey, 1.0, out=grey)
+        if ok is not None:
+            invalid = np.logical_not(ok, out=scratch.get("invalid", ok.shape, np.bool_) if scratch else None)
+            np.copyto(grey, 0.5, where=invalid)
+        return grey
+
+    def read_region(self, col_off: int, row_off: int, width: int, height: int, out_width: int, out_height: int,
+                    reuse: bool = False):
         """Read a whole pixel-aligned region (inside the raster) as grey in [0, 1] and validity.
 
         Used to read many cells that tile the raster in one windowed read; the values are
-        those :meth:`read_window` gives for each cell (invalid pixels set to 0.5).
+        those :meth:`read_window` gives for each cell (invalid pixels set to 0.5). The
+        validity is ``None`` when the raster has no mask (every pixel valid).
+
+        With ``reuse`` the arrays returned are this reader's own buffers, overwritten by its
+        next ``reuse`` read (copy what you keep): a search reads thousands of regions, and
+        fresh arrays for each cost more (page faults) than the arithmetic on them.
         """
         from rasterio.windows import Window
 
+        scratch = self._scratch if reuse else None
         resampling = _resampling().average if width >= out_width else _resampling().bilinear
-        grey, ok = self._read_raw(Window(col_off, row_off, width, height), (out_height, out_width), resampling)
-        grey = np.clip((grey - self.lo) / (self.hi - self.lo), 0.0, 1.0)
-        if ok is None:
-            ok = np.ones_like(grey, dtype=bool)
-        grey[~ok] = 0.5
-        return grey, ok
+        grey, ok = self._read_raw(Window(col_off, row_off, width, height), (out_height, out_width), resampling,
+                                  scratch)
+        return self._to_unit(grey, ok, scratch), ok
 
     def read_bounds(self, bounds: tuple[float, float, float, float], size: int):
         """Read the ground square ``bounds`` (raster CRS) as a ``size`` x ``size`` grey patch.
@@ -221,12 +260,8 @@ class GreyReader:
         # Downsampling averages pixels; upsampling interpolates.
         resampling = Resampling.average if width >= size else Resampling.bilinear
         grey, ok = self._read_raw(Window(ic0, ir0, ic1 - ic0, ir1 - ir0), (oy1 - oy0, ox1 - ox0), resampling)
-        grey = np.clip((grey - self.lo) / (self.hi - self.lo), 0.0, 1.0)
-        if ok is None:
-            ok = np.ones_like(grey, dtype=bool)
-        grey[~ok] = 0.5
-        patch[oy0:oy1, ox0:ox1] = grey
-        valid[oy0:oy1, ox0:ox1] = ok
+        patch[oy0:oy1, ox0:ox1] = self._to_unit(grey, ok)
+        valid[oy0:oy1, ox0:ox1] = True if ok is None else ok
         return patch, float(valid.mean())
 
     def read_centre_square(self, size: int):
@@ -249,14 +284,67 @@ class GreyReader:
             return float(np.sqrt(res * mx * abs(ds.transform.e) * my))
         return float(res * metres_per_unit(crs))
 
+    def reopen(self) -> None:
+        """Close the raster and open it again, keeping this reader's settings and buffers.
+
+        Closing a dataset drops the blocks GDAL caches of it (a global cache, up to 5 % of
+        RAM by default), so a long run of reads that reopens now and then does not grow it.
+        """
+        self.ds.close()
+        self.ds = _open(self.path, self._what)
+
     def close(self) -> None:
         self.ds.close()
+        self._scratch = _Scratch()  # the buffers go with the dataset
 
     def __enter__(self) -> GreyReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Scratch:
+    """Buffers a reader reuses from read to read (one reader = one thread at a time)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A C-contiguous array of ``shape`` (contents undefined), grown when too small."""
+        size = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
+            buf = self._buffers[name] = np.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
+
+def _luminance(data: np.ndarray, out: np.ndarray | None = None, part: np.ndarray | None = None) -> np.ndarray:
+    """``(bands, h, w)`` pixels -> float32 grey: the band itself, or the luminance of RGB.
+
+    Element-wise in float32 (not a BLAS dot) so a pixel's value does not depend on the size of
+    the read (block reads and cell reads give identical patches); ``out`` and ``part`` are
+    buffers of ``(h, w)`` float32 to use instead of new arrays.
+    """
+    grey = out if out is not None else np.empty(data.shape[1:], dtype=np.float32)
+    np.copyto(grey, data[0], casting="unsafe")  # as astype(float32), without a new array
+    if len(data) == 1:
+        return grey
+    grey *= LUMINANCE[0]
+    part = part if part is not None else np.empty_like(grey)
+    for k in (1, 2):
+        np.copyto(part, data[k], casting="unsafe")
+        part *= LUMINANCE[k]
+        grey += part
+    return grey
+
+
+def _not_resampled(window, out_shape) -> bool:
+    """Whether reading ``window`` at ``out_shape`` is a plain read of whole pixels."""
+    if window is None:
+        return False
+    sizes = (window.height, window.width, window.col_off, window.row_off)
+    return all(float(v).is_integer() for v in sizes) and (window.height, window.width) == tuple(out_shape)
 
 
 @dataclass

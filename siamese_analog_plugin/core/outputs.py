@@ -2,12 +2,21 @@
 
 Outputs are first written under temporary names beside their destination and renamed into
 place only once every output is complete, so a failure or a cancel never leaves a half file.
+
+A search writes its outputs while it runs (:class:`ResultStream`): each batch of scored cells
+goes to the GeoTIFF (a strip of blocks at a time, each block written once) and to the
+GeoPackage (one transaction per batch) from a background thread, so the encoder never waits
+for the disk and nothing but a strip of the raster is held. The columns that need every cell
+(rank, percentile) and the ``analog_sites`` layer are completed in one cheap final pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import sqlite3
+import threading
 import uuid
 from pathlib import Path
 
@@ -19,8 +28,13 @@ __all__ = [
     "NODATA",
     "CELLS_LAYER",
     "SITES_LAYER",
+    "CELL_FIELDS",
     "check_destination",
     "atomic_outputs",
+    "best_cells",
+    "RasterStream",
+    "CellLayerWriter",
+    "ResultStream",
     "write_dissimilarity_raster",
     "write_cells_gpkg",
 ]
@@ -93,30 +107,108 @@ def atomic_outputs(paths: dict[str, str | os.PathLike | None]):
         raise OutputError(f"Cannot move the results into place: {exc}", "Check the destination folder") from exc
 
 
+def best_cells(rank: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best-ranked cells (rank 1 first; rank 0 = not scored), in O(N)."""
+    rank = np.asarray(rank)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    sel = np.nonzero((rank > 0) & (rank <= k))[0]
+    return sel[np.argsort(rank[sel], kind="stable")][:k]
+
+
+# -- GeoTIFF -------------------------------------------------------------------------------
+class RasterStream:
+    """A float32 GeoTIFF with one pixel per grid position, written as the cells come.
+
+    Cells must arrive in grid order (row-major, as the grid keeps them). Their values go into a
+    buffer of one strip of blocks (block height x grid width); a strip is written once every
+    cell above its last row has come, so each compressed block is written exactly once and
+    memory does not depend on the number of cells. Pixels of cells that were not kept (outside
+    the area) or not scored (NaN) hold :data:`NODATA`.
+    """
+
+    def __init__(self, path: str, grid, tags: dict | None = None, description: str = "dissimilarity") -> None:
+        import rasterio
+
+        self.path = path
+        self._grid = grid
+        profile = dict(driver="GTiff", width=grid.n_cols, height=grid.n_rows, count=1, dtype="float32",
+                       crs=grid.crs_wkt, transform=grid.output_transform, nodata=NODATA, compress="deflate")
+        if grid.n_rows >= 256 and grid.n_cols >= 256:
+            profile.update(tiled=True, blockxsize=256, blockysize=256)
+        try:
+            self._ds = rasterio.open(path, "w", **profile)
+            self._ds.set_band_description(1, description)
+            self._ds.update_tags(**{k: str(v) for k, v in (tags or {}).items()})
+        except Exception as exc:
+            raise OutputError(f"Cannot write the raster '{path}': {exc}", "Check the destination") from exc
+        self._block_h = int(self._ds.block_shapes[0][0])
+        self._strip = np.full((self._block_h, grid.n_cols), NODATA, dtype=np.float32)
+        self._row0 = 0  # first grid row of the strip in the buffer
+
+    def write(self, start: int, stop: int, values: np.ndarray) -> None:
+        """Set the pixels of kept cells ``start..stop-1`` (values aligned with them)."""
+        rows, cols = self._grid.rows[start:stop], self._grid.cols[start:stop]
+        values = np.asarray(values, dtype=np.float32)
+        if rows.size == 0:
+            return
+        if rows[0] < self._row0 or (rows.size > 1 and (np.diff(rows) < 0).any()):
+            raise OutputError(f"Cells reached the raster '{self.path}' out of grid order",
+                              "Write the cells in the grid's order (this is a bug: please report it)")
+        pos = 0
+        while pos < rows.size:
+            while rows[pos] >= self._row0 + self._block_h:
+                self._flush()
+            end = pos + int(np.searchsorted(rows[pos:], self._row0 + self._block_h, side="left"))
+            seg_rows, seg_cols, seg = rows[pos:end], cols[pos:end], values[pos:end]
+            ok = np.isfinite(seg)
+            self._strip[seg_rows[ok] - self._row0, seg_cols[ok]] = seg[ok]
+            pos = end
+
+    def _flush(self) -> None:
+        from rasterio.windows import Window
+
+        height = min(self._block_h, self._grid.n_rows - self._row0)
+        if height > 0:
+            try:
+                self._ds.write(self._strip[:height], 1, window=Window(0, self._row0, self._grid.n_cols, height))
+            except Exception as exc:
+                raise OutputError(f"Cannot write the raster '{self.path}': {exc}",
+                                  "Check the destination (free disk space, permissions)") from exc
+        self._strip.fill(NODATA)
+        self._row0 += self._block_h
+
+    def close(self) -> None:
+        """Write the strips not written yet and close the file."""
+        while self._row0 < self._grid.n_rows:
+            self._flush()
+        try:
+            self._ds.close()
+        except Exception as exc:
+            raise OutputError(f"Cannot write the raster '{self.path}': {exc}", "Check the destination") from exc
+
+    def abort(self) -> None:
+        """Close without completing (the caller removes the file)."""
+        with contextlib.suppress(Exception):
+            self._ds.close()
+
+
 def write_dissimilarity_raster(path: str, grid, values: np.ndarray, tags: dict | None = None) -> None:
     """Write a float32 GeoTIFF with one pixel per grid position.
 
     Pixels of cells that were not kept (outside the area) or not scored (nodata) hold
     :data:`NODATA`.
     """
-    import rasterio
-
-    data = np.full((grid.n_rows, grid.n_cols), NODATA, dtype=np.float32)
-    ok = np.isfinite(values)
-    data[grid.rows[ok], grid.cols[ok]] = values[ok]
-    profile = dict(driver="GTiff", width=grid.n_cols, height=grid.n_rows, count=1, dtype="float32",
-                   crs=grid.crs_wkt, transform=grid.output_transform, nodata=NODATA, compress="deflate")
-    if grid.n_rows >= 256 and grid.n_cols >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    stream = RasterStream(path, grid, tags)
     try:
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(data, 1)
-            dst.set_band_description(1, "dissimilarity")
-            dst.update_tags(**{k: str(v) for k, v in (tags or {}).items()})
-    except Exception as exc:
-        raise OutputError(f"Cannot write the raster '{path}': {exc}", "Check the destination") from exc
+        stream.write(0, len(grid), values)
+    except BaseException:
+        stream.abort()
+        raise
+    stream.close()
 
 
+# -- GeoPackage ----------------------------------------------------------------------------
 def _ogr():
     from osgeo import ogr, osr
 
@@ -130,6 +222,181 @@ CELL_FIELDS = [
     ("percentile", "real"), ("lon", "real"), ("lat", "real"), ("status", "str"), ("coverage", "real"),
     ("valid_fraction", "real"), ("reference", "str"),
 ]
+GRID_COLUMNS = ("id", "row", "col", "lon", "lat", "coverage")
+
+
+def _grid_columns(grid, index) -> dict[str, np.ndarray]:
+    """The columns that come from the grid, for kept cells ``index`` (a slice or indices)."""
+    return {"id": grid.ids[index], "row": grid.rows[index], "col": grid.cols[index], "lon": grid.lon[index],
+            "lat": grid.lat[index], "coverage": grid.coverage[index]}
+
+
+class CellLayerWriter:
+    """A GeoPackage with the cells as polygons, appended chunk by chunk (one transaction each).
+
+    Args:
+        path: the GeoPackage to create.
+        grid: the :class:`~.grid.CellGrid`.
+        fields: ``(name, kind)`` pairs, kind in int/int64/real/str (default :data:`CELL_FIELDS`);
+            id/row/col/lon/lat/coverage come from the grid, the others from the columns given.
+        layer_name: name of the polygon layer.
+        late_columns: when true, the spatial index is built in :meth:`finish`, after the
+            columns given there have been updated (an attribute update then costs no index
+            maintenance); the file is the same.
+    """
+
+    def __init__(self, path: str, grid, fields: list[tuple[str, str]] | None = None,
+                 layer_name: str = CELLS_LAYER, late_columns: bool = False) -> None:
+        ogr, osr = _ogr()
+        self.path = path
+        self._grid = grid
+        self._fields = fields or CELL_FIELDS
+        self._layer_name = layer_name
+        self._late = late_columns
+        self._ogr = ogr
+        self._types = {"int": ogr.OFTInteger, "int64": ogr.OFTInteger64, "real": ogr.OFTReal, "str": ogr.OFTString}
+        self._srs = osr.SpatialReference()
+        self._srs.ImportFromWkt(grid.crs_wkt)
+        self._srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        self._ds = None
+        try:
+            self._ds = ogr.GetDriverByName("GPKG").CreateDataSource(path)
+            index = "NO" if late_columns else "YES"
+            self._layer = self._ds.CreateLayer(layer_name, self._srs, ogr.wkbPolygon,
+                                               options=["FID=fid", f"SPATIAL_INDEX={index}"])
+            for name, kind in self._fields:
+                self._layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
+            self._defn = self._layer.GetLayerDefn()
+        except Exception as exc:
+            self.abort()
+            raise OutputError(f"Cannot write the cell layer '{path}': {exc}", "Check the destination") from exc
+
+    def append(self, start: int, stop: int, columns: dict[str, np.ndarray]) -> None:
+        """Write kept cells ``start..stop-1``; ``columns`` holds their values (aligned with them).
+
+        ``None`` values, NaN and infinities are written as NULL; fields with no column are NULL.
+        """
+        ogr = self._ogr
+        values = {**_grid_columns(self._grid, slice(start, stop)), **columns}
+        names = [n for n, _ in self._fields if n in values]
+        layer, defn = self._layer, self._defn
+        try:
+            layer.StartTransaction()
+            # Chunks keep the Python values of a few thousand cells alive at a time, not all.
+            for lo in range(start, stop, _CHUNK):
+                hi = min(lo + _CHUNK, stop)
+                part = slice(lo - start, hi - start)
+                setters = [_column_setter(defn.GetFieldIndex(name), values[name][part]) for name in names]
+                wkb = _polygon_wkb(self._grid.bounds_array(np.arange(lo, hi)))
+                fids = self._grid.ids[lo:hi].tolist()
+                for i in range(hi - lo):
+                    f = ogr.Feature(defn)
+                    f.SetFID(fids[i])
+                    for setter in setters:
+                        setter(f, i)
+                    f.SetGeometryDirectly(ogr.CreateGeometryFromWkb(wkb[i].tobytes()))
+                    layer.CreateFeature(f)
+            layer.CommitTransaction()
+        except Exception as exc:
+            raise OutputError(f"Cannot write the cell layer '{self.path}': {exc}",
+                              "Check the destination (free disk space, permissions)") from exc
+
+    def finish(self, update_index: np.ndarray | None = None, update_columns: dict[str, np.ndarray] | None = None,
+               sites_index: np.ndarray | None = None, sites_columns: dict[str, np.ndarray] | None = None) -> None:
+        """Complete and close the file.
+
+        Args:
+            update_index / update_columns: kept cells whose ``update_columns`` (arrays aligned
+                with ``update_index``) are set now, e.g. rank and percentile once every cell
+                is scored (needs ``late_columns``).
+            sites_index / sites_columns: cells also written as points in a layer
+                :data:`SITES_LAYER`, in this order, with these column values.
+        """
+        try:
+            if sites_index is not None:
+                self._write_sites(np.asarray(sites_index), sites_columns or {})
+            self._layer = self._defn = None
+            self._ds = None  # close: flushes and releases the SQLite file
+            if update_columns:
+                if not self._late:
+                    raise OutputError("Cell columns can only be updated at the end of a layer made with late "
+                                      "columns", "Create the CellLayerWriter with late_columns=True (a bug)")
+                self._update(np.asarray(update_index), update_columns)
+            if self._late:
+                ds = self._ogr.Open(self.path, update=1)
+                done = ds.ExecuteSQL(f"SELECT CreateSpatialIndex('{self._layer_name}', 'geom')")
+                if done is not None:
+                    ds.ReleaseResultSet(done)
+                ds = None
+        except OutputError:
+            raise
+        except Exception as exc:
+            raise OutputError(f"Cannot write the cell layer '{self.path}': {exc}", "Check the destination") from exc
+
+    def _update(self, index: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        """Set columns of the cells ``index`` with one SQL UPDATE per cell, in one transaction.
+
+        Through SQLite itself: OGR would rewrite each whole feature. Values are converted as
+        :meth:`append` converts them (NaN -> NULL), so the file is what writing them at once gives.
+        """
+        kinds = dict(self._fields)
+        names = [n for n in columns if n in kinds]
+        sql = (f'UPDATE "{self._layer_name}" SET ' + ", ".join(f'"{n}" = ?' for n in names) + ' WHERE "fid" = ?')
+        fids = self._grid.ids[index]
+        con = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            con.execute("BEGIN")
+            for lo in range(0, index.size, _CHUNK):
+                hi = min(lo + _CHUNK, index.size)
+                cols = [_sql_values(columns[n][lo:hi]) for n in names] + [fids[lo:hi].tolist()]
+                con.executemany(sql, zip(*cols))
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def _write_sites(self, index: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        ogr = self._ogr
+        values = {**_grid_columns(self._grid, index), **columns}
+        names = [n for n, _ in self._fields if n in values]
+        layer = self._ds.CreateLayer(SITES_LAYER, self._srs, ogr.wkbPoint, options=["FID=fid"])
+        for name, kind in CELL_FIELDS:
+            if name in values:
+                layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
+        bounds = self._grid.bounds_array(index)
+        cx, cy = (bounds[:, 0] + bounds[:, 2]) / 2, (bounds[:, 1] + bounds[:, 3]) / 2
+        layer.StartTransaction()
+        for j in range(index.size):
+            f = ogr.Feature(layer.GetLayerDefn())
+            for name in names:
+                set_field(f, name, values[name][j])
+            f.SetGeometryDirectly(ogr.CreateGeometryFromWkt(f"POINT({float(cx[j])!r} {float(cy[j])!r})"))
+            layer.CreateFeature(f)
+        layer.CommitTransaction()
+
+    def abort(self) -> None:
+        """Close without completing (the caller removes the file)."""
+        self._layer = self._defn = None
+        self._ds = None
+
+
+def _sql_values(column) -> list:
+    """Python values for SQLite, converted as the OGR setters convert them (NaN/inf -> NULL)."""
+    arr = np.asarray(column)
+    values = arr.tolist()
+    if arr.dtype.kind == "f":
+        ok = np.isfinite(arr).tolist()
+        return [v if good else None for v, good in zip(values, ok)]
+    if arr.dtype.kind in "iu":
+        return values
+    out = []
+    for v in values:
+        if isinstance(v, float) and not np.isfinite(v):
+            out.append(None)
+        elif v is None or isinstance(v, (int, float)):
+            out.append(v)
+        else:
+            out.append(str(v))
+    return out
 
 
 def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int = 10,
@@ -146,49 +413,135 @@ def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int
         layer_name: name of the polygon layer.
         fields: ``(name, kind)`` pairs, kind in int/int64/real/str (default :data:`CELL_FIELDS`).
     """
-    fields = fields or CELL_FIELDS
-    ogr, osr = _ogr()
-    types = {"int": ogr.OFTInteger, "int64": ogr.OFTInteger64, "real": ogr.OFTReal, "str": ogr.OFTString}
-    srs = osr.SpatialReference()
-    srs.ImportFromWkt(grid.crs_wkt)
-    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    values = {"id": grid.ids, "row": grid.rows, "col": grid.cols, "lon": grid.lon, "lat": grid.lat,
-              "coverage": grid.coverage, **columns}
-    names = [n for n, _ in fields if n in values]
+    fields = [(name, kind) for name, kind in (fields or CELL_FIELDS) if name in GRID_COLUMNS or name in columns]
+    writer = CellLayerWriter(path, grid, fields, layer_name)
     try:
-        driver = ogr.GetDriverByName("GPKG")
-        ds = driver.CreateDataSource(path)
-        cells = ds.CreateLayer(layer_name, srs, ogr.wkbPolygon, options=["FID=fid", "SPATIAL_INDEX=YES"])
-        for name, kind in fields:
-            if name in values:
-                cells.CreateField(ogr.FieldDefn(name, types[kind]))
-        defn = cells.GetLayerDefn()
-        indices = [defn.GetFieldIndex(name) for name in names]
         n = len(grid)
-        cells.StartTransaction()
-        # Chunks keep the Python values of a few thousand cells alive at a time, not all.
         for start in range(0, n, _CHUNK):
-            sl = slice(start, min(start + _CHUNK, n))
-            setters = [_column_setter(k, values[name][sl]) for k, name in zip(indices, names)]
-            wkb = _polygon_wkb(grid.bounds_array(np.arange(sl.start, sl.stop)))
-            fids = grid.ids[sl].tolist()
-            for i in range(sl.stop - sl.start):
-                f = ogr.Feature(defn)
-                f.SetFID(fids[i])
-                for setter in setters:
-                    setter(f, i)
-                f.SetGeometryDirectly(ogr.CreateGeometryFromWkb(wkb[i].tobytes()))
-                cells.CreateFeature(f)
-        cells.CommitTransaction()
-        _write_sites(ds, srs, grid, values, names, top_k, types, ogr)
-        ds = None  # close: flushes and releases the SQLite file
-    except OutputError:
+            stop = min(start + _CHUNK, n)
+            writer.append(start, stop, {k: v[start:stop] for k, v in columns.items()})
+        sites = None
+        if columns.get("rank") is not None and top_k > 0:
+            sites = best_cells(columns["rank"], top_k)
+        writer.finish(sites_index=sites,
+                      sites_columns=None if sites is None else {k: np.asarray(v)[sites] for k, v in columns.items()})
+    except BaseException:
+        writer.abort()
         raise
-    except Exception as exc:
-        raise OutputError(f"Cannot write the cell layer '{path}': {exc}", "Check the destination") from exc
 
 
 _CHUNK = 4096
+
+
+# -- both, while a search runs ---------------------------------------------------------------
+class ResultStream:
+    """Writes a search's raster and cell layer while it runs, from a background thread.
+
+    The search calls :meth:`put` with each range of cells it has finished; a writer thread
+    asks ``columns_of(slice)`` for their values (the search's own arrays: they are final once
+    put) and appends them to the GeoTIFF (:class:`RasterStream`) and the GeoPackage
+    (:class:`CellLayerWriter`, one transaction per range). A bounded queue keeps the writer at
+    most ``queue_size`` ranges behind. :meth:`finish` then writes the columns that need every
+    cell and the best sites; on any exception, leave the ``with`` block (or call
+    :meth:`abort`): the files are closed unfinished, for :func:`atomic_outputs` to remove.
+
+    Args:
+        raster_path / cells_path: files to create (either may be ``None``).
+        grid: the :class:`~.grid.CellGrid`.
+        columns_of: ``f(index) -> {name: array}`` for kept cells ``index`` (a slice), with the
+            raster's ``value_column`` and the cell layer's fields.
+        tags: metadata of the raster.
+        fields: the cell layer's fields (default :data:`CELL_FIELDS`).
+    """
+
+    def __init__(self, raster_path: str | None, cells_path: str | None, grid, columns_of,
+                 tags: dict | None = None, fields: list[tuple[str, str]] | None = None,
+                 value_column: str = "dissimilarity", queue_size: int = 8) -> None:
+        self._columns_of = columns_of
+        self._value_column = value_column
+        self._raster = self._cells = None
+        self._error: BaseException | None = None
+        self._aborting = False
+        self._done = False
+        try:
+            self._raster = RasterStream(raster_path, grid, tags) if raster_path else None
+            self._cells = CellLayerWriter(cells_path, grid, fields, late_columns=True) if cells_path else None
+        except BaseException:
+            self._close_files()
+            raise
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._thread = threading.Thread(target=self._run, name="analog-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, start: int, stop: int) -> None:
+        """Cells ``start..stop-1`` are final: write them (waits while the writer is far behind)."""
+        while True:
+            self._raise_error()
+            try:
+                self._queue.put((start, stop), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None or self._aborting:
+                continue  # keep draining so that put() never blocks for good
+            try:
+                start, stop = item
+                columns = self._columns_of(slice(start, stop))
+                if self._raster is not None:
+                    self._raster.write(start, stop, columns[self._value_column])
+                if self._cells is not None:
+                    self._cells.append(start, stop, columns)
+            except BaseException as exc:  # handed to the search's thread by put() / finish()
+                self._error = exc
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def finish(self, update_index: np.ndarray | None = None, update_columns: dict[str, np.ndarray] | None = None,
+               sites_index: np.ndarray | None = None, sites_columns: dict[str, np.ndarray] | None = None) -> None:
+        """Wait for the writer, then complete both files (see :meth:`CellLayerWriter.finish`)."""
+        self._stop_thread()
+        self._raise_error()
+        if self._raster is not None:
+            raster, self._raster = self._raster, None
+            raster.close()
+        if self._cells is not None:
+            cells, self._cells = self._cells, None
+            cells.finish(update_index, update_columns, sites_index, sites_columns)
+        self._done = True
+
+    def abort(self) -> None:
+        """Stop the writer and close the files unfinished."""
+        self._aborting = True
+        self._stop_thread()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for out in (self._raster, self._cells):
+            if out is not None:
+                out.abort()
+        self._raster = self._cells = None
+
+    def __enter__(self) -> ResultStream:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()
+        if exc_type is None and not self._done:
+            raise OutputError("The outputs were left unfinished", "Call finish() before leaving (this is a bug)")
 
 
 def _polygon_wkb(bounds: np.ndarray) -> np.ndarray:
@@ -253,24 +606,3 @@ def set_field(feature, name, value) -> None:
         feature.SetFieldNull(name)
     else:
         feature.SetField(name, str(value))
-
-
-def _write_sites(ds, srs, grid, values, names, top_k, types, ogr) -> None:
-    rank = values.get("rank")
-    if rank is None or top_k <= 0:
-        return
-    order = [i for i in np.argsort(np.where(rank > 0, rank, np.iinfo(np.int32).max), kind="stable")
-             if rank[i] > 0][:top_k]
-    layer = ds.CreateLayer(SITES_LAYER, srs, ogr.wkbPoint, options=["FID=fid"])
-    for name, kind in CELL_FIELDS:
-        if name in values:
-            layer.CreateField(ogr.FieldDefn(name, types[kind]))
-    cx, cy = grid.centres()
-    layer.StartTransaction()
-    for i in order:
-        f = ogr.Feature(layer.GetLayerDefn())
-        for name in names:
-            set_field(f, name, values[name][i])
-        f.SetGeometryDirectly(ogr.CreateGeometryFromWkt(f"POINT({cx[i]!r} {cy[i]!r})"))
-        layer.CreateFeature(f)
-    layer.CommitTransaction()

@@ -6,9 +6,12 @@ distance to the Mars reference embedding(s) -> rank and percentile -> GeoTIFF + 
 The pipeline streams: reader threads (each with its own GDAL handle; GDAL releases the GIL)
 read, resample and normalise the next batches while the encoder runs on the current one, so
 pixels and tensors exist for a few batches only and memory does not grow with the area; per
-cell only a few numbers are kept (dissimilarity, valid share, nearest reference). Cells that
-tile the raster at its own resolution are read a grid row at a time (one windowed read per
-row of a batch). On CUDA, batches are pinned in the reader threads and copied without
+cell only a few numbers are kept (dissimilarity, valid share, nearest reference). Each scored
+batch goes straight to the outputs (a writer thread appends it to the GeoTIFF and the
+GeoPackage, :class:`~.outputs.ResultStream`); rank, percentile and the best sites, which need
+every cell, are completed in one final pass. Cells that tile the raster at its own resolution
+are read a grid row at a time (one windowed read per row of a batch, into the reader's own
+buffers), and batches are normalised in place. On CUDA, batches are pinned in the reader threads and copied without
 blocking; mixed precision is an option (``amp``). With ``cache_dir`` the embeddings are kept
 (:mod:`.cache`), and a later search of the same area only computes distances.
 """
@@ -16,6 +19,7 @@ blocking; mixed precision is an option (``amp``). With ``cache_dir`` the embeddi
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import threading
@@ -31,7 +35,14 @@ from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area, CellGrid, build_grid
 from .imagery import GreyReader, RasterInfo, ReferenceImage, describe_raster, load_references
-from .outputs import atomic_outputs, check_destination, write_cells_gpkg, write_dissimilarity_raster
+from .outputs import (
+    ResultStream,
+    atomic_outputs,
+    best_cells,
+    check_destination,
+    write_cells_gpkg,
+    write_dissimilarity_raster,
+)
 
 __all__ = [
     "AGGREGATES",
@@ -143,8 +154,7 @@ class SearchResult:
 
     def best(self, k: int = 10) -> list[dict]:
         """The ``k`` most Mars-like cells, best first."""
-        idx = np.nonzero(self.rank > 0)[0]
-        idx = idx[np.argsort(self.rank[idx], kind="stable")][:k]
+        idx = best_cells(self.rank, k)
         out = []
         for i in idx:
             out.append({"id": int(self.grid.ids[i]), "row": int(self.grid.rows[i]), "col": int(self.grid.cols[i]),
@@ -154,12 +164,28 @@ class SearchResult:
                         "reference": Path(self.references[self.nearest_reference[i]].path).name})
         return out
 
-    def columns(self) -> dict[str, np.ndarray]:
-        """Per-cell attribute columns for the cell layer."""
-        names = np.array([Path(r.path).name for r in self.references] + [""], dtype=object)
-        return {"dissimilarity": self.dissimilarity, "rank": self.rank, "percentile": self.percentile,
-                "status": self.status(), "valid_fraction": self.valid_fraction,
-                "reference": names[self.nearest_reference]}
+    def columns(self, index=slice(None)) -> dict[str, np.ndarray]:
+        """Per-cell attribute columns for the cell layer (of the cells ``index``; default all)."""
+        return cell_columns(self.dissimilarity, self.valid_fraction, self.nearest_reference,
+                            reference_names(self.references), index, self.rank, self.percentile)
+
+
+def reference_names(references: list[ReferenceImage]) -> np.ndarray:
+    """File names of the references, and "" last (for index -1: not scored)."""
+    return np.array([Path(r.path).name for r in references] + [""], dtype=object)
+
+
+def cell_columns(dissimilarity: np.ndarray, valid_fraction: np.ndarray, nearest: np.ndarray, names: np.ndarray,
+                 index=slice(None), rank: np.ndarray | None = None,
+                 percentile: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Cell-layer columns of the cells ``index``; without ``rank`` and ``percentile`` (unknown
+    until every cell is scored) they are 0 and NaN, as for cells that are not scored."""
+    d = dissimilarity[index]
+    return {"dissimilarity": d,
+            "rank": rank[index] if rank is not None else np.zeros(d.shape, np.int32),
+            "percentile": percentile[index] if percentile is not None else np.full(d.shape, np.nan, np.float32),
+            "status": np.where(np.isfinite(d), STATUS_SCORED, STATUS_NODATA), "valid_fraction": valid_fraction[index],
+            "reference": names[nearest[index]]}
 
 
 def default_cell_size_m(info: RasterInfo, references: list[ReferenceImage]) -> tuple[float, str]:
@@ -246,18 +272,27 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
             patches[j], valid[j] = reader.read_bounds(tuple(b), size)
         return patches, valid
     rows, cols = grid.rows[idx], grid.cols[idx]
-    # One read per grid row of the batch: the strip from its first to its last cell.
-    for r in np.unique(rows):
-        sel = np.nonzero(rows == r)[0]
-        c_lo, c_hi = int(cols[sel].min()), int(cols[sel].max())
+    # One read per grid row of the batch: the strip from its first to its last cell. The cells
+    # of a row are consecutive in the batch (the grid is row-major), and each is a window of
+    # the strip, so they are copied out with one strided view, not cell by cell.
+    bounds = np.flatnonzero(np.diff(rows)) + 1
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
+        c = cols[a:b]
+        c_lo, c_hi = int(c.min()), int(c.max())
         width = (c_hi - c_lo) * plan.step_px + size
-        grey, ok = reader.read_region(plan.col0 + c_lo * plan.step_px, plan.row0 + int(r) * plan.step_py,
-                                      width, size, width, size)
-        for j in sel:
-            x = (int(cols[j]) - c_lo) * plan.step_px
-            patches[j] = grey[:, x:x + size]
-            valid[j] = ok[:, x:x + size].mean()
+        grey, ok = reader.read_region(plan.col0 + c_lo * plan.step_px, plan.row0 + int(rows[a]) * plan.step_py,
+                                      width, size, width, size, reuse=True)
+        at = c - c_lo
+        patches[a:b] = _cell_windows(grey, size, plan.step_px)[at]
+        valid[a:b] = 1.0 if ok is None else _cell_windows(ok, size, plan.step_px)[at].mean(axis=(1, 2))
     return patches, valid
+
+
+def _cell_windows(strip: np.ndarray, size: int, step: int) -> np.ndarray:
+    """``(cells, size, size)`` read-only view of the ``size``-wide windows of ``strip``, ``step`` apart."""
+    count = (strip.shape[1] - size) // step + 1
+    s0, s1 = strip.strides
+    return np.lib.stride_tricks.as_strided(strip, (count, size, size), (step * s1, s0, s1), writeable=False)
 
 
 def default_reader_threads() -> int:
@@ -267,7 +302,7 @@ def default_reader_threads() -> int:
 
 def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, band: int | None = None,
                        prefetch: int = 2, stop: threading.Event | None = None, threads: int | None = None,
-                       block_reads: bool | None = None, prepare=None):
+                       block_reads: bool | None = None, prepare=None, reopen_bytes: float = READER_REOPEN_BYTES):
     """Yield ``(indices, patches, valid_fraction)`` batches in order, read by background threads.
 
     Each reader thread owns its own GDAL handle (GDAL releases the GIL while it reads), and
@@ -279,6 +314,7 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
         block_reads: read cells that tile the raster in blocks (``None``: when possible).
         prepare: optional ``f(idx, patches, valid) -> item`` run in the reader thread (e.g.
             normalisation); its result is yielded instead of ``(idx, patches, valid)``.
+        reopen_bytes: source bytes a reader reads before it reopens the raster.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -292,7 +328,7 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
     with GreyReader(raster, band=band) as first:
         stretch = (first.lo, first.hi)  # computed once, shared by every reader thread
         bands = len(first.bands)
-    # Source bytes a cell costs (roughly); a reader is reopened after READER_REOPEN_BYTES so
+    # Source bytes a cell costs (roughly); a reader is reopened after ``reopen_bytes`` so
     # GDAL's block cache (global, up to 5 % of RAM by default) does not grow with the area:
     # closing a dataset drops its cached blocks.
     px_w, px_h = info.res
@@ -305,14 +341,14 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
         if stop.is_set():
             return None
         reader = getattr(local, "reader", None)
-        if reader is not None and local.read_bytes > READER_REOPEN_BYTES:
-            reader.close()
-            reader = None
         if reader is None:
             reader = local.reader = GreyReader(raster, band=band, stretch=stretch)
             local.read_bytes = 0.0
             with lock:
                 readers.append(reader)
+        elif local.read_bytes > reopen_bytes:
+            reader.reopen()
+            local.read_bytes = 0.0
         idx = np.arange(start, min(start + batch_size, n))
         patches, valid = read_cells(reader, grid, idx, size, plan)
         local.read_bytes += idx.size * cell_bytes
@@ -418,42 +454,66 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     dissimilarity = np.full(n, np.nan, dtype=np.float32)
     valid_fraction = np.zeros(n, dtype=np.float32)
     nearest = np.full(n, -1, dtype=np.int32)
+    names = reference_names(references)
     extra: dict = {"cache": "off", "cells_read": 0, "precision": precision}
     key = facts = hit = None
     if cache is not None:
         key, facts = cache_key(params.raster, grid, params.band, model_fingerprint(encoder), precision)
         hit = cache.lookup(key, n, encoder.embedding_dim, min_valid)
         extra["cache"] = "hit" if hit is not None else "miss"
-    if cache is not None and hit is not None:
-        feedback.log(f"Embeddings of these {n:,} cells come from the cache ({cache.folder}); only distances are "
-                     "computed")
-        encode_s = _score_cached(hit, ref_emb, params.aggregate, min_valid, dissimilarity, valid_fraction, nearest,
-                                 feedback)
-    else:
-        writer = cache.writer(key, n, encoder.embedding_dim, facts) if cache is not None else None
-        try:
-            encode_s = _encode_stream(params, encoder, info, grid, ref_emb, min_valid, amp_dtype, dissimilarity,
-                                      valid_fraction, nearest, extra, writer, feedback, t0)
-            if writer is not None:
-                writer.commit(min_valid)
-                writer = None
-        finally:
-            if writer is not None:
-                writer.discard()
-    rank, pct = rank_scores(dissimilarity)
-    seconds = time.perf_counter() - t0
-    result = SearchResult(grid, dissimilarity, valid_fraction, nearest, rank, pct, references, str(encoder.device),
-                          encoder.path, seconds, encode_s, extra)
-    skipped = int((~result.scored).sum())
-    feedback.log(f"Scored {n - skipped:,} cells ({skipped:,} skipped as mostly nodata) in {seconds:.1f} s: "
-                 f"{result.cells_per_s:,.0f} cells/s on {encoder.device}")
-    if skipped == n:
-        raise InputError("Every cell in the area is mostly nodata, so nothing could be compared",
-                         "Choose an area over valid imagery, or raise the largest nodata share")
-    check_cancelled(feedback)
-    if out_raster or out_cells:
-        write_outputs(result, out_raster, out_cells, params)
+    with contextlib.ExitStack() as outputs:
+        # Outputs are written while the cells are scored (under temporary names, moved into
+        # place at the end): each finished batch goes to a writer thread.
+        sink = None
+        if out_raster or out_cells:
+            tmp = outputs.enter_context(atomic_outputs({"raster": out_raster, "cells": out_cells}))
+            sink = outputs.enter_context(ResultStream(
+                tmp["raster"], tmp["cells"], grid,
+                lambda index: cell_columns(dissimilarity, valid_fraction, nearest, names, index),
+                tags=_output_tags(encoder.path, str(encoder.device), references, grid, params.aggregate)))
+        done = sink.put if sink is not None else None
+        if cache is not None and hit is not None:
+            feedback.log(f"Embeddings of these {n:,} cells come from the cache ({cache.folder}); only distances are "
+                         "computed")
+            encode_s = _score_cached(hit, ref_emb, params.aggregate, min_valid, dissimilarity, valid_fraction,
+                                     nearest, feedback, finished=done)
+        else:
+            writer = cache.writer(key, n, encoder.embedding_dim, facts) if cache is not None else None
+            try:
+                encode_s = _encode_stream(params, encoder, info, grid, ref_emb, min_valid, amp_dtype, dissimilarity,
+                                          valid_fraction, nearest, extra, writer, feedback, t0, finished=done)
+                if writer is not None:
+                    writer.commit(min_valid)
+                    writer = None
+            finally:
+                if writer is not None:
+                    writer.discard()
+        rank, pct = rank_scores(dissimilarity)
+        seconds = time.perf_counter() - t0
+        result = SearchResult(grid, dissimilarity, valid_fraction, nearest, rank, pct, references,
+                              str(encoder.device), encoder.path, seconds, encode_s, extra)
+        skipped = int((~result.scored).sum())
+        feedback.log(f"Scored {n - skipped:,} cells ({skipped:,} skipped as mostly nodata) in {seconds:.1f} s: "
+                     f"{result.cells_per_s:,.0f} cells/s on {encoder.device}")
+        if skipped == n:
+            raise InputError("Every cell in the area is mostly nodata, so nothing could be compared",
+                             "Choose an area over valid imagery, or raise the largest nodata share")
+        check_cancelled(feedback)
+        if sink is not None:
+            # The columns that need every cell: rank and percentile, and the best sites.
+            scored = np.nonzero(rank > 0)[0]
+            sites = best_cells(rank, params.top_k) if params.top_k > 0 else None
+            sink.finish(scored, {"rank": rank[scored], "percentile": pct[scored]}, sites,
+                        None if sites is None else result.columns(sites))
     return result
+
+
+def _output_tags(model_path: str | None, device: str, references: list[ReferenceImage], grid: CellGrid,
+                 aggregate: str) -> dict:
+    """Metadata written into the dissimilarity GeoTIFF."""
+    return {"model": model_path or "", "device": device, "references": ";".join(r.path for r in references),
+            "cell_size_m": grid.cell_size_m, "stride_m": grid.stride_m, "aggregate": aggregate,
+            "meaning": "lower = more Mars-like"}
 
 
 def describe_device(device) -> str:
@@ -463,6 +523,41 @@ def describe_device(device) -> str:
     if getattr(device, "type", str(device)) == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({torch.get_num_threads()} threads)"
+
+
+def _to_tensor(encoder: AnalogEncoder, patches: np.ndarray):
+    """``encoder.to_tensor(patches)``, normalising the batch's own array in place (it is not used
+    afterwards): the same values without new batch-sized arrays."""
+    norm = encoder.metadata.normalisation
+    if norm.get("mode", "per_patch") not in ("per_patch", "global") or patches.dtype != np.float32 \
+            or not patches.flags.c_contiguous or not patches.flags.writeable:
+        return encoder.to_tensor(patches)
+    import torch
+
+    return torch.from_numpy(normalise_in_place(patches, norm)[:, None])
+
+
+def normalise_in_place(x: np.ndarray, normalisation: dict, chunk: int = 8) -> np.ndarray:
+    """:func:`~.encoder.normalise_patches` of float32 ``(N, S, S)`` patches, written into ``x``.
+
+    The same arithmetic in the same order (mean, deviations, mean of their squares, square
+    root), so the values are identical; only the squares need a buffer, ``chunk`` patches big.
+    """
+    if normalisation.get("mode", "per_patch") == "global":
+        x -= float(normalisation["mean"])
+        x /= float(normalisation["std"])
+        return x
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    x -= mean
+    std = np.empty_like(mean)
+    squares = np.empty((min(chunk, len(x)), *x.shape[1:]), dtype=x.dtype)
+    for a in range(0, len(x), chunk):
+        part = x[a:a + chunk]
+        sq = np.multiply(part, part, out=squares[:len(part)])
+        std[a:a + chunk] = sq.mean(axis=(-2, -1), keepdims=True)
+    np.sqrt(std, out=std)
+    x /= np.maximum(std, 1e-3)
+    return x
 
 
 def _amp_dtype(encoder: AnalogEncoder, amp: bool):
@@ -488,11 +583,12 @@ def _embed_batch(encoder: AnalogEncoder, x, amp_dtype) -> np.ndarray:
 def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInfo, grid: CellGrid,
                    ref_emb: np.ndarray, min_valid: float, amp_dtype, dissimilarity: np.ndarray,
                    valid_fraction: np.ndarray, nearest: np.ndarray, extra: dict, writer: CacheWriter | None,
-                   feedback: Feedback, t0: float) -> float:
+                   feedback: Feedback, t0: float, finished=None) -> float:
     """Read, normalise, encode and score every cell, batch by batch; returns the encoding seconds.
 
     Reader threads read and normalise (and pin, on CUDA) the next batches while this thread
     runs the encoder, so only ``threads + prefetch`` batches of pixels exist at any time.
+    ``finished(start, stop)``, when given, is called with each range of cells that is final.
     """
     n = len(grid)
     size = encoder.input_size
@@ -500,7 +596,9 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
 
     def prepare(idx, patches, valid):
         ok = valid >= min_valid
-        x = encoder.to_tensor(patches[ok]) if ok.any() else None
+        x = None
+        if ok.any():
+            x = _to_tensor(encoder, patches if ok.all() else patches[ok])
         if x is not None and pin:
             x = x.pin_memory()
         return idx, valid, ok, x
@@ -510,15 +608,17 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
     block = params.block_reads and plan_reads(info, grid, size).block
     extra["read_mode"] = "block" if block else "cell"
     feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; precision {extra['precision']}")
-    encode_s = 0.0
+    encode_s = waited = 0.0
     done = 0
     stop = threading.Event()
     tuner = _TorchThreads(encoder.device, params.torch_threads)
     batches = iter_patch_batches(params.raster, grid, size, params.batch_size, params.band, stop=stop,
                                  threads=threads, block_reads=block, prepare=prepare)
     try:
-        last = time.perf_counter()
+        last = ready = time.perf_counter()
+        last_cpu = time.process_time()
         for idx, valid, ok, x in batches:
+            waited += time.perf_counter() - ready  # the encoder idle, waiting for the readers
             check_cancelled(feedback)
             valid_fraction[idx] = valid
             emb = None
@@ -531,17 +631,22 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
                 nearest[idx[ok]] = near
             if writer is not None:
                 writer.store(idx, valid, ok, emb)
+            if finished is not None:
+                finished(int(idx[0]), int(idx[-1]) + 1)
             done += idx.size
             extra["cells_read"] = done
-            now = time.perf_counter()
-            tuner.batch_done(idx.size, now - last)
-            last = now
+            now, now_cpu = time.perf_counter(), time.process_time()
+            tuner.batch_done(idx.size, now - last, now_cpu - last_cpu)
+            last, last_cpu = now, now_cpu
             feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(now - t0, 1e-9):,.0f} cells/s")
+            ready = time.perf_counter()
     finally:
         stop.set()
         batches.close()
         tuner.restore()
     extra["torch_threads"] = tuner.chosen
+    extra["encode_seconds"] = round(encode_s, 3)
+    extra["wait_seconds"] = round(waited, 3)
     if tuner.trials:
         tried = ", ".join(f"{k}: {v:,.0f} cells/s" for k, v in tuner.trials.items())
         feedback.log(f"CPU threads for the encoder: {tried}; kept {tuner.chosen}")
@@ -555,10 +660,14 @@ class _TorchThreads:
     encoder thread that waits for a busy core stalls all the others: on a loaded machine one
     thread fewer can be several times faster. So, unless a number is given, the first batches
     are timed (wall clock, reading included) with all cores and with one fewer, and the faster
-    is kept. The setting is restored afterwards.
+    is kept. When the batch with all cores shows that this process got them (its CPU time is
+    at least :attr:`UNCONTENDED` of threads x wall time: nothing else competes), fewer threads
+    cannot be faster and that trial, a slower batch, is skipped. The setting is restored
+    afterwards.
     """
 
     TRIAL_BATCHES = 1
+    UNCONTENDED = 0.8
 
     def __init__(self, device, fixed: int | None) -> None:
         import torch
@@ -580,21 +689,26 @@ class _TorchThreads:
             self.chosen = self.before
         torch.set_num_threads(self.chosen)
 
-    def batch_done(self, cells: int, seconds: float) -> None:
-        """Record a batch's wall time; switch threads while trying, then keep the faster."""
+    def batch_done(self, cells: int, seconds: float, cpu_seconds: float | None = None) -> None:
+        """Record a batch's wall (and process CPU) time; switch threads while trying, then keep
+        the faster."""
         if not self._plan:
             return
         if self._skip:
             self._skip -= 1
             return
         current = self._plan.pop(0)
-        stat = self._stats.setdefault(current, [0.0, 0.0])
+        stat = self._stats.setdefault(current, [0.0, 0.0, 0.0])
         stat[0] += cells
         stat[1] += seconds
+        stat[2] += cpu_seconds if cpu_seconds is not None else 0.0
+        if current == self.before and self._plan and self._plan[0] != current and cpu_seconds is not None \
+                and stat[2] >= self.UNCONTENDED * current * stat[1]:
+            self._plan = []  # the cores were ours: no trial with fewer threads
         if self._plan:
             nxt = self._plan[0]
         else:
-            self.trials = {k: c / max(t, 1e-9) for k, (c, t) in self._stats.items()}
+            self.trials = {k: c / max(t, 1e-9) for k, (c, t, _) in self._stats.items()}
             nxt = max(self.trials, key=self.trials.get)
             self.chosen = nxt
         if nxt != self._torch.get_num_threads():
@@ -606,8 +720,11 @@ class _TorchThreads:
 
 def _score_cached(hit: CachedEmbeddings, ref_emb: np.ndarray, aggregate: str, min_valid: float,
                   dissimilarity: np.ndarray, valid_fraction: np.ndarray, nearest: np.ndarray,
-                  feedback: Feedback, chunk: int = 1 << 16) -> float:
-    """Distances from cached embeddings, chunk by chunk (the file stays memory-mapped)."""
+                  feedback: Feedback, chunk: int = 1 << 16, finished=None) -> float:
+    """Distances from cached embeddings, chunk by chunk (the file stays memory-mapped).
+
+    ``finished(start, stop)``, when given, is called with each chunk of cells once it is final.
+    """
     t = time.perf_counter()
     n = len(dissimilarity)
     valid_fraction[:] = hit.valid_fraction
@@ -619,17 +736,21 @@ def _score_cached(hit: CachedEmbeddings, ref_emb: np.ndarray, aggregate: str, mi
             d, near = score_embeddings(hit.embeddings[ok], ref_emb, aggregate)
             dissimilarity[ok] = d
             nearest[ok] = near
+        if finished is not None:
+            finished(sl.start, sl.stop)
         feedback.progress(sl.stop / n, f"{sl.stop:,}/{n:,} cells (cached embeddings)")
     return time.perf_counter() - t
 
 
 def write_outputs(result: SearchResult, out_raster: str | None, out_cells: str | None,
                   params: SearchParams | None = None) -> None:
-    """Write the GeoTIFF and GeoPackage of a result (atomically, both or neither)."""
-    tags = {"model": result.model_path or "", "device": result.device,
-            "references": ";".join(r.path for r in result.references),
-            "cell_size_m": result.grid.cell_size_m, "stride_m": result.grid.stride_m,
-            "aggregate": params.aggregate if params else "nearest", "meaning": "lower = more Mars-like"}
+    """Write the GeoTIFF and GeoPackage of a finished result at once (atomically, both or neither).
+
+    :func:`run_search` writes the same files while it runs; this writes them again from a
+    result (e.g. to other destinations).
+    """
+    tags = _output_tags(result.model_path, result.device, result.references, result.grid,
+                        params.aggregate if params else "nearest")
     with atomic_outputs({"raster": out_raster, "cells": out_cells}) as tmp:
         if tmp["raster"]:
             write_dissimilarity_raster(tmp["raster"], result.grid, result.dissimilarity, tags)

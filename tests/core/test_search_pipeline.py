@@ -175,3 +175,18 @@ def test_fast_cell_writer_matches_the_field_by_field_writer(tmp_path):
         wkt = ogr.CreateGeometryFromWkt(f"POLYGON(({x0!r} {y0!r},{x1!r} {y0!r},{x1!r} {y1!r},{x0!r} {y1!r},"
                                         f"{x0!r} {y0!r}))")
         assert f.GetGeometryRef().ExportToWkb() == wkt.ExportToWkb()
+
+
+@pytest.mark.parametrize("normalisation", [{"mode": "per_patch"}, {"mode": "global", "mean": 0.41, "std": 0.2}])
+def test_in_place_normalisation_is_the_encoders_to_the_bit(normalisation):
+    """The pipeline normalises each batch in its own array; the values are normalise_patches' own."""
+    from siamese_analog_plugin.core.encoder import normalise_patches
+    from siamese_analog_plugin.core.search import normalise_in_place
+
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 9, 130):
+        x = (rng.random((n, 100, 100)) ** rng.uniform(0.2, 5)).astype(np.float32) * rng.uniform(0.1, 3)
+        x[0] = 0.5  # a flat patch: its standard deviation is floored
+        expected = normalise_patches(x, normalisation)
+        got = normalise_in_place(x, normalisation)
+        assert got is x and np.array_equal(got, expected)
