@@ -35,7 +35,7 @@ __all__ = ["CACHE_VERSION", "EmbeddingCache", "CachedEmbeddings", "CacheWriter",
            "file_sha256"]
 
 # Bump when reading, resampling or normalising patches changes: old entries then miss.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: invalid pixels filled with the cell's valid mean (was 0.5)
 
 _SHA_MEMO: dict[tuple, str] = {}
 

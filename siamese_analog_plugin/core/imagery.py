@@ -186,14 +186,15 @@ class GreyReader:
         return grey, valid
 
     def _to_unit(self, grey: np.ndarray, ok: np.ndarray | None, scratch: _Scratch | None = None) -> np.ndarray:
-        """Stretch grey to [0, 1] in place and set invalid pixels to 0.5."""
+        """Stretch grey to [0, 1] in place and fill invalid pixels (:func:`fill_invalid`)."""
         grey -= self.lo
         grey /= self.hi - self.lo
         np.maximum(grey, 0.0, out=grey)  # = np.clip(grey, 0, 1), which is several times slower
         np.minimum(grey, 1.0, out=grey)
         if ok is not None:
             invalid = np.logical_not(ok, out=scratch.get("invalid", ok.shape, np.bool_) if scratch else None)
-            np.copyto(grey, 0.5, where=invalid)
+            if invalid.any():
+                np.copyto(grey, _valid_mean(grey, ok), where=invalid)
         return grey
 
     def read_region(self, col_off: int, row_off: int, width: int, height: int, out_width: int, out_height: int,
@@ -201,7 +202,7 @@ class GreyReader:
         """Read a whole pixel-aligned region (inside the raster) as grey in [0, 1] and validity.
 
         Used to read many cells that tile the raster in one windowed read; the values are
-        those :meth:`read_window` gives for each cell (invalid pixels set to 0.5). The
+        those :meth:`read_window` gives for each cell (invalid pixels filled with the region's valid mean). The
         validity is ``None`` when the raster has no mask (every pixel valid).
 
         With ``reuse`` the arrays returned are this reader's own buffers, overwritten by its
@@ -220,8 +221,9 @@ class GreyReader:
         """Read the ground square ``bounds`` (raster CRS) as a ``size`` x ``size`` grey patch.
 
         Returns:
-            ``(patch, valid_fraction)``: float32 patch in [0, 1] (invalid pixels set to 0.5)
-            and the share of valid pixels. Parts of the square outside the raster are invalid.
+            ``(patch, valid_fraction)``: float32 patch in [0, 1] (invalid pixels filled with the
+            mean of the valid ones, :func:`fill_invalid`) and the share of valid pixels. Parts of
+            the square outside the raster are invalid.
         """
         col_off, row_off, width, height = self.window_of(bounds)
         return self.read_window(col_off, row_off, width, height, size)
@@ -262,6 +264,7 @@ class GreyReader:
         grey, ok = self._read_raw(Window(ic0, ir0, ic1 - ic0, ir1 - ir0), (oy1 - oy0, ox1 - ox0), resampling)
         patch[oy0:oy1, ox0:ox1] = self._to_unit(grey, ok)
         valid[oy0:oy1, ox0:ox1] = True if ok is None else ok
+        fill_invalid(patch, valid)
         return patch, float(valid.mean())
 
     def read_centre_square(self, size: int):
@@ -337,6 +340,25 @@ def _luminance(data: np.ndarray, out: np.ndarray | None = None, part: np.ndarray
         part *= LUMINANCE[k]
         grey += part
     return grey
+
+
+def _valid_mean(grey: np.ndarray, ok: np.ndarray) -> float:
+    n = int(np.count_nonzero(ok))
+    return float(grey.sum(where=ok, dtype=np.float64) / n) if n else 0.5
+
+
+def fill_invalid(patch: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Set the invalid pixels of ``patch`` (in place) to the mean of its valid ones (0.5 when
+    none is valid).
+
+    A flat fill at the patch's own mean brightness, not a fixed grey: after per-patch
+    normalisation a fixed grey leaves a sharp straight edge along the raster's border or a
+    nodata hole, a structure the encoder would match like any other (partly empty edge cells
+    used to rank among the best analog sites).
+    """
+    if not valid.all():
+        np.copyto(patch, _valid_mean(patch, valid), where=~valid)
+    return patch
 
 
 def _not_resampled(window, out_shape) -> bool:

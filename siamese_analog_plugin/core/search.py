@@ -34,7 +34,7 @@ from .encoder import AnalogEncoder, load_model
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area, CellGrid, build_grid
-from .imagery import GreyReader, RasterInfo, ReferenceImage, describe_raster, load_references
+from .imagery import GreyReader, RasterInfo, ReferenceImage, describe_raster, fill_invalid, load_references
 from .outputs import (
     ResultStream,
     atomic_outputs,
@@ -284,7 +284,14 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
                                       width, size, width, size, reuse=True)
         at = c - c_lo
         patches[a:b] = _cell_windows(grey, size, plan.step_px)[at]
-        valid[a:b] = 1.0 if ok is None else _cell_windows(ok, size, plan.step_px)[at].mean(axis=(1, 2))
+        if ok is None:
+            valid[a:b] = 1.0
+            continue
+        masks = _cell_windows(ok, size, plan.step_px)[at]
+        valid[a:b] = masks.mean(axis=(1, 2))
+        # The strip filled its invalid pixels with its own valid mean; a cell gets its own.
+        for j in np.flatnonzero(valid[a:b] < 1):
+            fill_invalid(patches[a + j], masks[j])
     return patches, valid
 
 

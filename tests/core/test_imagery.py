@@ -52,6 +52,24 @@ def test_window_partly_outside_the_raster_is_partly_invalid(tmp_path):
     assert np.allclose(patch[:, :5], 128 / 255)
 
 
+def test_invalid_pixels_take_the_valid_mean_so_no_edge_is_drawn(tmp_path):
+    # Texture in the left half, nodata (0) in the right half of the window.
+    rng = np.random.default_rng(0)
+    data = rng.integers(60, 200, (20, 20)).astype(np.uint8)
+    data[:, 10:] = 0
+    path = write_raster(tmp_path / "t.tif", data, "EPSG:32633", Affine(1, 0, 0, 0, -1, 20), nodata=0)
+    with GreyReader(path) as r:
+        patch, valid = r.read_window(0, 0, 20, 20, 20)
+        outside, valid_out = r.read_window(10, 0, 20, 20, 20)  # half beyond the raster's edge too
+    assert valid == pytest.approx(0.5) and valid_out == 0.0
+    assert np.allclose(patch[:, 10:], patch[:, :10].mean(), atol=1e-6)
+    # After per-patch normalisation the filled half is at 0: no step at the border of the data.
+    from siamese_analog_plugin.core.encoder import normalise_patches
+
+    assert np.allclose(normalise_patches(patch[None], {"mode": "per_patch"})[0][:, 10:], 0.0, atol=1e-5)
+    assert np.all(outside == 0.5)  # nothing valid: mid grey
+
+
 def test_alpha_band_masks_pixels(tmp_path):
     rgba = np.full((4, 20, 20), 200, np.uint8)
     rgba[3, :, :15] = 0  # transparent left 3/4
