@@ -229,6 +229,33 @@ class AnalogAlgorithm(QgsProcessingAlgorithm):
         if not ok:
             raise QgsProcessingException(message)
 
+    # -- parameter helpers shared by the algorithms -------------------------------------------
+    def _optional_number(self, parameters, name: str, context) -> float | None:
+        """A number parameter that may be left empty (``None``; 0 also means "not given")."""
+        value = parameters.get(name)
+        if value is None or value == "":
+            return None
+        number = self.parameterAsDouble(parameters, name, context)
+        return number if number > 0 else None
+
+    def _optional_int(self, parameters, name: str, context) -> int | None:
+        """An integer parameter that may be left empty (``None``; 0 also means "not given")."""
+        value = parameters.get(name)
+        if value is None or value == "":
+            return None
+        number = self.parameterAsInt(parameters, name, context)
+        return number if number > 0 else None
+
+    @staticmethod
+    def _check_raster_and_cells(out_raster: str, out_cells: str, raster_what: str, cells_what: str) -> None:
+        """The engine writes a GeoTIFF and a GeoPackage: refuse other extensions with a plain message."""
+        if not out_raster.lower().endswith((".tif", ".tiff")):
+            raise QgsProcessingException(f"The {raster_what} is written as a GeoTIFF, but '{out_raster}' is not a "
+                                         ".tif file. Give a file name ending in .tif.")
+        if not out_cells.lower().endswith(".gpkg"):
+            raise QgsProcessingException(f"The {cells_what} are written as a GeoPackage, but '{out_cells}' is not a "
+                                         ".gpkg file. Give a file name ending in .gpkg.")
+
 
 class Stopwatch:
     """Seconds since creation, for log lines."""

@@ -195,12 +195,7 @@ Cancelling leaves no partial files.</p>"""
         self.check_dependencies()
         out_raster = self.parameterAsOutputLayer(parameters, self.OUTPUT_RASTER, context)
         out_cells = self.parameterAsOutputLayer(parameters, self.OUTPUT_CELLS, context)
-        if not out_raster.lower().endswith((".tif", ".tiff")):
-            raise QgsProcessingException(f"The class raster is written as a GeoTIFF, but '{out_raster}' is not a "
-                                         ".tif file. Give a file name ending in .tif.")
-        if not out_cells.lower().endswith(".gpkg"):
-            raise QgsProcessingException(f"The cells are written as a GeoPackage, but '{out_cells}' is not a .gpkg "
-                                         "file. Give a file name ending in .gpkg.")
+        self._check_raster_and_cells(out_raster, out_cells, "class raster", "cells")
         adapter = ProcessingFeedbackAdapter(feedback)
         work_dir = None
         with engine_errors("The landform mapping"):
@@ -282,13 +277,6 @@ Cancelling leaves no partial files.</p>"""
             raise QgsProcessingException(f"No labelled example has a value in '{field}' (or none is selected while "
                                          "'Selected features only' is on). Label a few cells per landform.")
         return LabelledFeatures(items, crs.toWkt(), ids)
-
-    def _optional_number(self, parameters, name: str, context) -> float | None:
-        value = parameters.get(name)
-        if value is None or value == "":
-            return None
-        number = self.parameterAsDouble(parameters, name, context)
-        return number if number > 0 else None
 
     def _style_on_load(self, context: QgsProcessingContext, out_raster: str, out_cells: str,
                        class_names: list[str]) -> None:

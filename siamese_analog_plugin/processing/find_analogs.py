@@ -215,12 +215,7 @@ leaves no partial files.</p>"""
         out_raster = self.parameterAsOutputLayer(parameters, self.OUTPUT_RASTER, context)
         out_cells = self.parameterAsOutputLayer(parameters, self.OUTPUT_CELLS, context)
         out_report = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context) or None
-        if not out_raster.lower().endswith((".tif", ".tiff")):
-            raise QgsProcessingException(f"The dissimilarity raster is written as a GeoTIFF, but '{out_raster}' is "
-                                         "not a .tif file. Give a file name ending in .tif.")
-        if not out_cells.lower().endswith(".gpkg"):
-            raise QgsProcessingException(f"The analog cells are written as a GeoPackage, but '{out_cells}' is not a "
-                                         ".gpkg file. Give a file name ending in .gpkg.")
+        self._check_raster_and_cells(out_raster, out_cells, "dissimilarity raster", "analog cells")
         adapter = ProcessingFeedbackAdapter(feedback, 0.0, 95.0 if out_report else 100.0)
         work_dir = None
         written: list[str] = []
@@ -292,21 +287,6 @@ leaves no partial files.</p>"""
         return results
 
     # -- helpers ---------------------------------------------------------------------------
-    def _optional_number(self, parameters, name: str, context) -> float | None:
-        """A number parameter that may be left empty (``None``; 0 also means "not given")."""
-        value = parameters.get(name)
-        if value is None or value == "":
-            return None
-        number = self.parameterAsDouble(parameters, name, context)
-        return number if number > 0 else None
-
-    def _optional_int(self, parameters, name: str, context) -> int | None:
-        value = parameters.get(name)
-        if value is None or value == "":
-            return None
-        number = self.parameterAsInt(parameters, name, context)
-        return number if number > 0 else None
-
     def _cell_from_references(self, input_size: int, reference_res: float | None) -> float:
         """The cell size for a rendered (tile) layer when none was given: the references' ground size."""
         import numpy as np

@@ -108,6 +108,20 @@ class TestFewShotLandforms:
         res = run_alg(ALG, params(two_textures, tiny_model_path, tmp_path, SUPPORT_FOLDER=str(support)))
         assert res["CLASSES"] == "speckle,stripes" and res["CLASSIFIED_COUNT"] == 50
 
+    @pytest.mark.parametrize("key, name, match", [("OUTPUT_RASTER", "classes.png", "class raster is written as a "
+                                                                                  "GeoTIFF.*ending in .tif"),
+                                                  ("OUTPUT_CELLS", "cells.shp", "cells are written as a "
+                                                                                "GeoPackage.*ending in .gpkg")])
+    def test_other_output_formats_are_refused_with_the_fix(self, run_alg, two_textures, tiny_model_path, tmp_path,
+                                                           key, name, match):
+        from qgis.core import QgsProcessingException
+
+        support = make_class_folder(tmp_path / "support", {"stripes": 2, "speckle": 2}, seed=3)
+        with pytest.raises(QgsProcessingException, match=match):
+            run_alg(ALG, params(two_textures, tiny_model_path, tmp_path, SUPPORT_FOLDER=str(support),
+                                **{key: str(tmp_path / name)}))
+        assert not (tmp_path / name).exists()
+
     def test_missing_class_field_is_explained(self, run_alg, two_textures, tiny_model_path, tmp_path):
         from qgis.core import QgsProcessingException
 
