@@ -40,19 +40,9 @@ def smooth_noise(shape, seed=0, scale=8):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A real (untrained, seeded) compact encoder saved in the model format."""
-    import torch
-
-    from siamese_analog_plugin.core.encoder import ModelMetadata, build_network, save_model
-
-    torch.manual_seed(0)
-    # Tiny and untrained; the whole-patch pooling keeps the few-shot tests' separations stable.
-    net = build_network("compact", 100, embedding_dim=8, widths=(4, 8), pooling="meanstd")
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, net, ModelMetadata("compact", 100, 8, {"widths": [4, 8], "pooling": "meanstd"},
-                                        training={"note": "test"}))
-    return str(path)
+def tiny_model(tiny_model_path):
+    """A real (untrained, seeded) compact encoder saved in the model format (``tests/conftest.py``)."""
+    return tiny_model_path
 
 
 @pytest.fixture()
