@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import functools
 import json
 import os
 import threading
@@ -758,8 +759,12 @@ class HeldOutSplit:
         resolved = Path(path).resolve()
         if str(resolved) in held:
             return True
-        return any("/".join(resolved.parts[-n:]) in self.relative_keys
-                   for n in {len(Path(k).parts) for k in self.relative_keys})
+        return any("/".join(resolved.parts[-n:]) in self.relative_keys for n in self._key_depths)
+
+    @functools.cached_property
+    def _key_depths(self) -> set:
+        """Path depths of the split file's keys (asked for every image a split looks at)."""
+        return {len(Path(k).parts) for k in self.relative_keys}
 
     def part_of(self, path: str | os.PathLike) -> str:
         """``"train"`` or ``"test"`` of an image under a split file (see :func:`split_files` otherwise)."""
