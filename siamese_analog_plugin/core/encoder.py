@@ -33,6 +33,7 @@ __all__ = [
     "ARCHITECTURES",
     "build_network",
     "normalise_patches",
+    "normalise_in_place",
     "ModelMetadata",
     "AnalogEncoder",
     "save_model",
@@ -163,24 +164,46 @@ def normalise_patches(patches: np.ndarray, normalisation: dict) -> np.ndarray:
     """Normalise grey patches in [0, 1] the way the encoder was trained.
 
     Args:
-        patches: ``(N, S, S)`` float32 in [0, 1].
+        patches: ``(N, S, S)`` (or ``(S, S)``) float32 in [0, 1]; left unchanged.
         normalisation: ``{"mode": "per_patch"}`` (zero mean, unit standard deviation per
             patch: removes illumination and contrast differences between images) or
             ``{"mode": "global", "mean": m, "std": s}``.
 
     Returns:
-        ``(N, S, S)`` float32.
+        A new float32 array of the same shape.
     """
-    x = np.asarray(patches, dtype=np.float32)
+    x = np.array(patches, dtype=np.float32)
+    normalise_in_place(x.reshape(-1, *x.shape[-2:]), normalisation)
+    return x
+
+
+def normalise_in_place(x: np.ndarray, normalisation: dict, chunk: int = 8) -> np.ndarray:
+    """:func:`normalise_patches` of float32 ``(N, S, S)`` patches, written into ``x`` (returned).
+
+    The arithmetic of ``(x - mean) / max(std, 1e-3)`` with numpy's own order for the standard
+    deviation (mean, deviations, mean of their squares, square root), without batch-sized
+    temporaries: only the squares need a buffer, ``chunk`` patches big. The search normalises
+    each batch in its own array with it.
+    """
     mode = normalisation.get("mode", "per_patch")
-    if mode == "per_patch":
-        mean = x.mean(axis=(-2, -1), keepdims=True)
-        std = x.std(axis=(-2, -1), keepdims=True)
-        return (x - mean) / np.maximum(std, 1e-3)
     if mode == "global":
-        return (x - float(normalisation["mean"])) / float(normalisation["std"])
-    raise ModelError(f"Unknown normalisation mode '{mode}' in the model file",
-                     "Use a model written by this version of Siamese Analog Finder")
+        x -= float(normalisation["mean"])
+        x /= float(normalisation["std"])
+        return x
+    if mode != "per_patch":
+        raise ModelError(f"Unknown normalisation mode '{mode}' in the model file",
+                         "Use a model written by this version of Siamese Analog Finder")
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    x -= mean
+    std = np.empty_like(mean)
+    squares = np.empty((min(chunk, len(x)), *x.shape[1:]), dtype=x.dtype)
+    for a in range(0, len(x), chunk):
+        part = x[a:a + chunk]
+        sq = np.multiply(part, part, out=squares[:len(part)])
+        std[a:a + chunk] = sq.mean(axis=(-2, -1), keepdims=True)
+    np.sqrt(std, out=std)
+    x /= np.maximum(std, 1e-3)
+    return x
 
 
 @dataclass

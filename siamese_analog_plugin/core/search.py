@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import CachedEmbeddings, CacheWriter, EmbeddingCache, cache_key, model_fingerprint
-from .encoder import AnalogEncoder, load_model
+from .encoder import AnalogEncoder, load_model, normalise_in_place
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area, CellGrid, build_grid
@@ -535,36 +535,11 @@ def describe_device(device) -> str:
 def _to_tensor(encoder: AnalogEncoder, patches: np.ndarray):
     """``encoder.to_tensor(patches)``, normalising the batch's own array in place (it is not used
     afterwards): the same values without new batch-sized arrays."""
-    norm = encoder.metadata.normalisation
-    if norm.get("mode", "per_patch") not in ("per_patch", "global") or patches.dtype != np.float32 \
-            or not patches.flags.c_contiguous or not patches.flags.writeable:
+    if patches.dtype != np.float32 or not patches.flags.c_contiguous or not patches.flags.writeable:
         return encoder.to_tensor(patches)
     import torch
 
-    return torch.from_numpy(normalise_in_place(patches, norm)[:, None])
-
-
-def normalise_in_place(x: np.ndarray, normalisation: dict, chunk: int = 8) -> np.ndarray:
-    """:func:`~.encoder.normalise_patches` of float32 ``(N, S, S)`` patches, written into ``x``.
-
-    The same arithmetic in the same order (mean, deviations, mean of their squares, square
-    root), so the values are identical; only the squares need a buffer, ``chunk`` patches big.
-    """
-    if normalisation.get("mode", "per_patch") == "global":
-        x -= float(normalisation["mean"])
-        x /= float(normalisation["std"])
-        return x
-    mean = x.mean(axis=(-2, -1), keepdims=True)
-    x -= mean
-    std = np.empty_like(mean)
-    squares = np.empty((min(chunk, len(x)), *x.shape[1:]), dtype=x.dtype)
-    for a in range(0, len(x), chunk):
-        part = x[a:a + chunk]
-        sq = np.multiply(part, part, out=squares[:len(part)])
-        std[a:a + chunk] = sq.mean(axis=(-2, -1), keepdims=True)
-    np.sqrt(std, out=std)
-    x /= np.maximum(std, 1e-3)
-    return x
+    return torch.from_numpy(normalise_in_place(patches, encoder.metadata.normalisation)[:, None])
 
 
 def _amp_dtype(encoder: AnalogEncoder, amp: bool):

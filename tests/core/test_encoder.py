@@ -98,6 +98,22 @@ class TestNormalisation:
         x = np.full((1, 2, 2), 0.75, np.float32)
         assert np.allclose(normalise_patches(x, {"mode": "global", "mean": 0.5, "std": 0.25}), 1.0)
 
+    def test_values_are_numpys_mean_and_std_to_the_bit_and_the_input_is_kept(self):
+        rng = np.random.default_rng(3)
+        for shape in ((1, 100, 100), (9, 100, 100), (100, 100)):
+            x = (rng.random(shape) ** rng.uniform(0.2, 5)).astype(np.float32) * rng.uniform(0.1, 3)
+            x[..., :10, :] = 0.25 if x.ndim == 2 else x[..., :10, :]
+            if x.ndim == 3:
+                x[0] = 0.5  # a flat patch: its standard deviation is floored
+            before = x.copy()
+            mean, std = x.mean(axis=(-2, -1), keepdims=True), x.std(axis=(-2, -1), keepdims=True)
+            assert np.array_equal(normalise_patches(x, {"mode": "per_patch"}), (x - mean) / np.maximum(std, 1e-3))
+            assert np.array_equal(x, before)
+
+    def test_unknown_mode(self):
+        with pytest.raises(ModelError, match="Unknown normalisation mode 'robust'"):
+            normalise_patches(np.zeros((1, 4, 4), np.float32), {"mode": "robust"})
+
 
 class TestModelFile:
     def test_round_trip_keeps_weights_and_metadata(self, tmp_path):
