@@ -88,6 +88,7 @@ class AreaMapTool(QgsMapTool):
         self.cell_size_why = ""
         self.max_cells = DEFAULT_MAX_CELLS
         self.raster_extent: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
+        self._footprint: tuple[tuple, QgsGeometry | None] | None = None  # (key, raster_extent in the canvas CRS)
         self.points: list[QgsPointXY] = []
         self.hover: QgsPointXY | None = None
         self.last_status = ""
@@ -247,19 +248,30 @@ class AreaMapTool(QgsMapTool):
         """Area of the part of ``geometry`` over :attr:`raster_extent` (``None``: not known)."""
         if self.raster_extent is None:
             return None
+        footprint = self._raster_footprint(crs)
+        if footprint is None:
+            return None
         if not geometry.isGeosValid():
             geometry = geometry.makeValid()  # a ring that crosses itself while being drawn
-        rect, raster_crs = self.raster_extent
-        footprint = QgsGeometry.fromRect(rect)
-        if raster_crs.isValid() and raster_crs != crs:
-            # Densify first: a reprojected rectangle's edges are curves.
-            footprint = footprint.densifyByCount(32)
-            try:
-                footprint.transform(QgsCoordinateTransform(raster_crs, crs, QgsProject.instance()))
-            except Exception:  # noqa: BLE001 - QgsCsException: the raster does not reproject here
-                return None
         overlap = geometry.intersection(footprint)
         return 0.0 if overlap.isEmpty() else measure_area_m2(overlap, crs)
+
+    def _raster_footprint(self, crs: QgsCoordinateReferenceSystem) -> QgsGeometry | None:
+        """:attr:`raster_extent` as a polygon in ``crs``, made once per raster and canvas CRS (the
+        status is redrawn on every mouse move); ``None`` when it does not reproject there."""
+        rect, raster_crs = self.raster_extent
+        key = (rect.toString(), raster_crs.toWkt(), crs.toWkt())
+        if self._footprint is None or self._footprint[0] != key:
+            footprint = QgsGeometry.fromRect(rect)
+            if raster_crs.isValid() and raster_crs != crs:
+                # Densify first: a reprojected rectangle's edges are curves.
+                footprint = footprint.densifyByCount(32)
+                try:
+                    footprint.transform(QgsCoordinateTransform(raster_crs, crs, QgsProject.instance()))
+                except Exception:  # noqa: BLE001 - QgsCsException: the raster does not reproject here
+                    footprint = None
+            self._footprint = (key, footprint)
+        return self._footprint[1]
 
     def _show_status(self, text: str) -> None:
         self.last_status = text
