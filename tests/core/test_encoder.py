@@ -11,6 +11,7 @@ import torch
 
 from siamese_analog_plugin.core.devices import resolve_device
 from siamese_analog_plugin.core.encoder import (
+    AnalogEncoder,
     ModelMetadata,
     build_network,
     load_model,
@@ -181,6 +182,64 @@ class TestModelFile:
         (tmp_path / "a_file").write_text("not a folder")
         with pytest.raises(ModelError, match="Cannot write the model file"):
             save_model(tmp_path / "a_file" / "m.pt", build_network("compact"), ModelMetadata("compact"))
+
+
+def with_batch_norm_statistics(net, seed=0):
+    """Give every batch norm non-trivial statistics and affine terms (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) * 3 + 0.2)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return net
+
+
+class TestInferenceNetwork:
+    """What embeds is a copy made for speed (batch norms folded, channels-last); same results."""
+
+    @pytest.mark.parametrize("arch, size, params", [
+        ("compact", 100, {}), ("compact", 64, {"widths": (4, 8), "pooling": "meanstd"}), ("paper", 40, {})])
+    def test_same_embeddings_as_the_network(self, arch, size, params):
+        torch.manual_seed(0)
+        net = with_batch_norm_statistics(build_network(arch, size, embedding_dim=16, **params))
+        enc = AnalogEncoder(net, ModelMetadata(arch, size, 16, params), torch.device("cpu"))
+        x = np.random.default_rng(0).random((7, size, size)).astype(np.float32)
+        with torch.inference_mode():
+            expected = net(enc.to_tensor(x)).numpy()
+        got = enc.embed(x, batch_size=3)
+        assert np.allclose(got, expected, atol=1e-5, rtol=1e-5)
+        folded = [m for m in enc.inference_network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        kept = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(kept) >= 2 and len(folded) == (len(kept) if arch == "paper" else 0)  # paper: conv-ReLU-BN
+
+    def test_the_network_itself_is_left_as_it_is(self):
+        net = with_batch_norm_statistics(build_network("compact", 64, embedding_dim=8, widths=(4, 8)))
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        enc = AnalogEncoder(net, ModelMetadata("compact", 64, 8, {"widths": [4, 8]}), torch.device("cpu"))
+        enc.embed(np.random.default_rng(1).random((2, 64, 64)).astype(np.float32))
+        assert enc.network is net and any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+        assert all(p.requires_grad for p in net.parameters())  # still trainable
+
+    def test_rebuilt_when_the_weights_change(self):
+        """Fine-tuning trains ``network`` in place: embeddings made after a step see the new weights."""
+        net = with_batch_norm_statistics(build_network("compact", 64, embedding_dim=8, widths=(4, 8)))
+        enc = AnalogEncoder(net, ModelMetadata("compact", 64, 8, {"widths": [4, 8]}), torch.device("cpu"))
+        x = np.random.default_rng(2).random((3, 64, 64)).astype(np.float32)
+        first, copy = enc.embed(x), enc.inference_network
+        assert enc.inference_network is copy  # not rebuilt for nothing
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        net.train()
+        net(enc.to_tensor(x)).sum().backward()
+        opt.step()
+        net.eval()
+        with torch.inference_mode():
+            expected = net(enc.to_tensor(x)).numpy()
+        after = enc.embed(x)
+        assert not np.allclose(after, first) and np.allclose(after, expected, atol=1e-5)
 
 
 class TestDevices:
