@@ -134,7 +134,12 @@ class GreyReader:
         self._dtype = np.dtype(dtypes.pop()) if len(dtypes) == 1 else None  # of reads into a buffer
         self._scratch = _Scratch()
         self._inverse = ~ds.transform
+        self._never_below = self._never_above = False  # (set below; the stretch reads need them unset)
         self.lo, self.hi = stretch if stretch is not None else self._stretch()
+        kinds = {np.dtype(ds.dtypes[b - 1]) for b in self.bands}
+        self._never_below = all(k.kind == "u" for k in kinds) and self.lo <= 0
+        self._never_above = len(self.bands) == 1 and all(k.kind in "iu" for k in kinds) and \
+            self.hi >= max(np.iinfo(k).max for k in kinds)
 
     # -- setup -------------------------------------------------------------------------
     def _stretch(self) -> tuple[float, float]:
@@ -160,6 +165,17 @@ class GreyReader:
 
         With ``scratch`` the pixels, grey and validity go into its buffers (no new memory).
         """
+        data, valid = self._read_pixels(window, out_shape, resampling, scratch)
+        if scratch is not None:
+            grey = _luminance(data, scratch.get("grey", out_shape, np.float32),
+                              scratch.get("part", out_shape, np.float32))
+        else:
+            grey = _luminance(data)
+        return grey, valid
+
+    def _read_pixels(self, window, out_shape, resampling=None, scratch: _Scratch | None = None):
+        """The bands' pixels ``(bands, *out_shape)`` of a window and their validity (``None``:
+        all valid); with ``scratch``, in its buffers."""
         rs = resampling if resampling is not None else _resampling().average
         shape = (len(self.bands), *out_shape)
         if scratch is not None and self._dtype is not None:
@@ -167,11 +183,6 @@ class GreyReader:
                                 resampling=rs)
         else:
             data = self.ds.read(self.bands, window=window, out_shape=shape, resampling=rs)
-        if scratch is not None:
-            grey = _luminance(data, scratch.get("grey", out_shape, np.float32),
-                              scratch.get("part", out_shape, np.float32))
-        else:
-            grey = _luminance(data)
         valid = None
         if self.has_mask:
             if self._nodata is not None and _not_resampled(window, out_shape):
@@ -183,35 +194,73 @@ class GreyReader:
                 masks = self.ds.read_masks(self.bands, window=window, out_shape=shape,
                                            resampling=_resampling().nearest)
                 valid = masks.min(axis=0) > 0
-        return grey, valid
+        return data, valid
+
+    def _stretch_in_place(self, grey: np.ndarray) -> np.ndarray:
+        """``clip((grey - lo) / (hi - lo), 0, 1)`` in place.
+
+        A clip that cannot change a value is skipped (the result is the same to the bit): on
+        unsigned pixels with ``lo <= 0`` nothing is below 0, and on one band of integers with
+        ``hi`` at least the type's maximum nothing is above 1.
+        """
+        if self.lo != 0:
+            grey -= self.lo
+        grey /= self.hi - self.lo
+        if not self._never_below:
+            np.maximum(grey, 0.0, out=grey)  # = np.clip(grey, 0, 1), which is several times slower
+        if not self._never_above:
+            np.minimum(grey, 1.0, out=grey)
+        return grey
+
+    def read_row_cells(self, col_off: int, row_off: int, width: int, size: int, step: int, at,
+                       out: np.ndarray) -> np.ndarray:
+        """Read cells of one grid row that tile the raster (no resampling) into ``out``.
+
+        The cells are the ``size`` x ``size`` windows ``step`` px apart of the strip
+        ``(col_off, row_off, width, size)``; ``at`` picks which (a ``slice`` or indices).
+        The pixels go straight from the strip's buffer into ``out`` (``(n, size, size)``
+        float32), grey, stretched, invalid pixels filled with the cell's valid mean: the
+        values :meth:`read_window` gives for each cell, without a float copy of the strip.
+
+        Returns:
+            the cells' valid fractions, ``(n,)`` float32.
+        """
+        from rasterio.windows import Window
+
+        scratch = self._scratch
+        data, ok = self._read_pixels(Window(col_off, row_off, width, size), (size, width), _resampling().average,
+                                     scratch)
+        windows = [_strided_windows(data[k], size, step)[at] for k in range(len(self.bands))]
+        part = scratch.get("part", out.shape, np.float32) if len(windows) > 1 else None
+        self._stretch_in_place(_luminance(windows, out, part))
+        valid = np.ones(len(out), dtype=np.float32)
+        if ok is None or ok.all():
+            return valid
+        masks = _strided_windows(ok, size, step)[at]
+        valid[:] = masks.mean(axis=(1, 2))
+        for j in np.flatnonzero(valid < 1):
+            fill_invalid(out[j], masks[j])
+        return valid
 
     def _to_unit(self, grey: np.ndarray, ok: np.ndarray | None, scratch: _Scratch | None = None) -> np.ndarray:
         """Stretch grey to [0, 1] in place and fill invalid pixels (:func:`fill_invalid`)."""
-        grey -= self.lo
-        grey /= self.hi - self.lo
-        np.maximum(grey, 0.0, out=grey)  # = np.clip(grey, 0, 1), which is several times slower
-        np.minimum(grey, 1.0, out=grey)
+        self._stretch_in_place(grey)
         if ok is not None:
             invalid = np.logical_not(ok, out=scratch.get("invalid", ok.shape, np.bool_) if scratch else None)
             if invalid.any():
                 np.copyto(grey, _valid_mean(grey, ok), where=invalid)
         return grey
 
-    def read_region(self, col_off: int, row_off: int, width: int, height: int, out_width: int, out_height: int,
-                    reuse: bool = False):
-        """Read a whole pixel-aligned region (inside the raster) as grey in [0, 1] and validity.
+    def read_region(self, col_off: int, row_off: int, width: int, height: int, out_width: int, out_height: int):
+        """Read a whole pixel-aligned region (inside the raster) as grey in [0, 1] and validity,
+        at ``out_width`` x ``out_height`` (averaged when smaller, bilinear when larger).
 
-        Used to read many cells that tile the raster in one windowed read; the values are
-        those :meth:`read_window` gives for each cell (invalid pixels filled with the region's valid mean). The
-        validity is ``None`` when the raster has no mask (every pixel valid).
-
-        With ``reuse`` the arrays returned are this reader's own buffers, overwritten by its
-        next ``reuse`` read (copy what you keep): a search reads thousands of regions, and
-        fresh arrays for each cost more (page faults) than the arithmetic on them.
+        Invalid pixels are filled with the region's valid mean. The validity is ``None`` when
+        the raster has no mask (every pixel valid).
         """
         from rasterio.windows import Window
 
-        scratch = self._scratch if reuse else None
+        scratch = None
         resampling = _resampling().average if width >= out_width else _resampling().bilinear
         grey, ok = self._read_raw(Window(col_off, row_off, width, height), (out_height, out_width), resampling,
                                   scratch)
@@ -322,12 +371,13 @@ class _Scratch:
         return buf[:size].reshape(shape)
 
 
-def _luminance(data: np.ndarray, out: np.ndarray | None = None, part: np.ndarray | None = None) -> np.ndarray:
+def _luminance(data, out: np.ndarray | None = None, part: np.ndarray | None = None) -> np.ndarray:
     """``(bands, h, w)`` pixels -> float32 grey: the band itself, or the luminance of RGB.
 
     Element-wise in float32 (not a BLAS dot) so a pixel's value does not depend on the size of
     the read (block reads and cell reads give identical patches); ``out`` and ``part`` are
-    buffers of ``(h, w)`` float32 to use instead of new arrays.
+    buffers of ``(h, w)`` float32 to use instead of new arrays. ``data`` may also be a list of
+    one array (or view) per band, of any shape, with ``out`` and ``part`` of that shape.
     """
     grey = out if out is not None else np.empty(data.shape[1:], dtype=np.float32)
     np.copyto(grey, data[0], casting="unsafe")  # as astype(float32), without a new array
@@ -340,6 +390,13 @@ def _luminance(data: np.ndarray, out: np.ndarray | None = None, part: np.ndarray
         part *= LUMINANCE[k]
         grey += part
     return grey
+
+
+def _strided_windows(strip: np.ndarray, size: int, step: int) -> np.ndarray:
+    """``(cells, size, size)`` read-only view of the ``size``-wide windows of ``strip``, ``step`` apart."""
+    count = (strip.shape[1] - size) // step + 1
+    s0, s1 = strip.strides
+    return np.lib.stride_tricks.as_strided(strip, (count, size, size), (step * s1, s0, s1), writeable=False)
 
 
 def _valid_mean(grey: np.ndarray, ok: np.ndarray) -> float:

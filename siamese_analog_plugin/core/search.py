@@ -22,6 +22,7 @@ import collections
 import contextlib
 import itertools
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from .encoder import AnalogEncoder, load_model, normalise_in_place
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area, CellGrid, build_grid
-from .imagery import GreyReader, RasterInfo, ReferenceImage, describe_raster, fill_invalid, load_references
+from .imagery import GreyReader, RasterInfo, ReferenceImage, describe_raster, load_references
 from .outputs import (
     ResultStream,
     atomic_outputs,
@@ -263,9 +264,13 @@ def plan_reads(info: RasterInfo, grid: CellGrid, size: int, transform=None) -> R
 
 
 def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
-               plan: ReadPlan) -> tuple[np.ndarray, np.ndarray]:
-    """Grey patches ``(n, size, size)`` in [0, 1] and valid fractions ``(n,)`` of cells ``idx``."""
-    patches = np.empty((idx.size, size, size), dtype=np.float32)
+               plan: ReadPlan, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grey patches ``(n, size, size)`` in [0, 1] and valid fractions ``(n,)`` of cells ``idx``.
+
+    ``out``: a float32 C-contiguous buffer of at least ``n`` patches to read into (its first
+    ``n`` are returned) instead of a new array.
+    """
+    patches = out[:idx.size] if out is not None else np.empty((idx.size, size, size), dtype=np.float32)
     valid = np.empty(idx.size, dtype=np.float32)
     if not plan.block:
         for j, b in enumerate(grid.bounds_array(idx)):
@@ -274,32 +279,18 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
     rows, cols = grid.rows[idx], grid.cols[idx]
     # One read per grid row of the batch: the strip from its first to its last cell. The cells
     # of a row are consecutive in the batch (the grid is row-major), and each is a window of
-    # the strip, so they are copied out with one strided view, not cell by cell.
+    # the strip, converted straight from the strip's pixels into its patch.
     bounds = np.flatnonzero(np.diff(rows)) + 1
     for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
         c = cols[a:b]
         c_lo, c_hi = int(c.min()), int(c.max())
-        width = (c_hi - c_lo) * plan.step_px + size
-        grey, ok = reader.read_region(plan.col0 + c_lo * plan.step_px, plan.row0 + int(rows[a]) * plan.step_py,
-                                      width, size, width, size, reuse=True)
         at = c - c_lo
-        patches[a:b] = _cell_windows(grey, size, plan.step_px)[at]
-        if ok is None:
-            valid[a:b] = 1.0
-            continue
-        masks = _cell_windows(ok, size, plan.step_px)[at]
-        valid[a:b] = masks.mean(axis=(1, 2))
-        # The strip filled its invalid pixels with its own valid mean; a cell gets its own.
-        for j in np.flatnonzero(valid[a:b] < 1):
-            fill_invalid(patches[a + j], masks[j])
+        if at[-1] == b - a - 1 and (b - a == 1 or bool((np.diff(at) == 1).all())):
+            at = slice(0, b - a)  # every cell from the first to the last: a view, no copy
+        valid[a:b] = reader.read_row_cells(plan.col0 + c_lo * plan.step_px, plan.row0 + int(rows[a]) * plan.step_py,
+                                           (c_hi - c_lo) * plan.step_px + size, size, plan.step_px, at,
+                                           patches[a:b])
     return patches, valid
-
-
-def _cell_windows(strip: np.ndarray, size: int, step: int) -> np.ndarray:
-    """``(cells, size, size)`` read-only view of the ``size``-wide windows of ``strip``, ``step`` apart."""
-    count = (strip.shape[1] - size) // step + 1
-    s0, s1 = strip.strides
-    return np.lib.stride_tricks.as_strided(strip, (count, size, size), (step * s1, s0, s1), writeable=False)
 
 
 def default_reader_threads() -> int:
@@ -309,12 +300,20 @@ def default_reader_threads() -> int:
 
 def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, band: int | None = None,
                        prefetch: int = 2, stop: threading.Event | None = None, threads: int | None = None,
-                       block_reads: bool | None = None, prepare=None, reopen_bytes: float = READER_REOPEN_BYTES):
+                       block_reads: bool | None = None, prepare=None, reopen_bytes: float = READER_REOPEN_BYTES,
+                       reuse: bool = False):
     """Yield ``(indices, patches, valid_fraction)`` batches in order, read by background threads.
 
     Each reader thread owns its own GDAL handle (GDAL releases the GIL while it reads), and
     together they stay at most ``threads + prefetch`` batches ahead of the consumer, so memory
     depends on the batch size, not on the number of cells.
+
+    With ``reuse`` the patches of a batch are read into one of ``threads + prefetch + 1``
+    buffers made once, and a batch's buffer is read into again once the consumer asks for the
+    batch after the next: use (or copy) a batch's patches before then. A long search then
+    allocates no batch-sized arrays: with fresh ones, each thread's malloc arena keeps tens of
+    MB it freed (glibc), and the process's peak memory crept up over the first thousands of
+    batches.
 
     Args:
         threads: reader threads (``None``: :func:`default_reader_threads`).
@@ -343,8 +342,15 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
     local = threading.local()
     readers: list[GreyReader] = []
     lock = threading.Lock()
+    depth = threads + max(0, prefetch)
+    # One buffer per batch that can exist at once: ``depth`` submitted plus the consumer's.
+    pool: queue.SimpleQueue | None = None
+    if reuse:
+        pool = queue.SimpleQueue()
+        for _ in range(min(depth + 1, -(-n // batch_size))):
+            pool.put(np.empty((batch_size, size, size), dtype=np.float32))
 
-    def job(start: int):
+    def job(start: int, buffer):
         if stop.is_set():
             return None
         reader = getattr(local, "reader", None)
@@ -357,29 +363,39 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
             reader.reopen()
             local.read_bytes = 0.0
         idx = np.arange(start, min(start + batch_size, n))
-        patches, valid = read_cells(reader, grid, idx, size, plan)
+        patches, valid = read_cells(reader, grid, idx, size, plan, out=buffer)
         local.read_bytes += idx.size * cell_bytes
         return prepare(idx, patches, valid) if prepare else (idx, patches, valid)
 
     starts = iter(range(0, n, batch_size))
     pending: collections.deque = collections.deque()
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="analog-reader")
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="analog-reader")
+    in_use = None  # the buffer of the batch the consumer holds
+
+    def submit(start: int) -> None:
+        buffer = pool.get_nowait() if pool is not None else None
+        pending.append((executor.submit(job, start, buffer), buffer))
+
     try:
-        for start in itertools.islice(starts, threads + max(0, prefetch)):
-            pending.append(pool.submit(job, start))
+        for start in itertools.islice(starts, depth):
+            submit(start)
         while pending:
-            item = pending.popleft().result()
+            fut, buffer = pending.popleft()
+            item = fut.result()
+            if in_use is not None:
+                pool.put(in_use)  # the consumer asked for this batch: it is done with the last
+            in_use = buffer
             nxt = next(starts, None)
             if nxt is not None:
-                pending.append(pool.submit(job, nxt))
+                submit(nxt)
             if item is None:
                 return
             yield item
     finally:
         stop.set()
-        for fut in pending:
+        for fut, _ in pending:
             fut.cancel()
-        pool.shutdown(wait=True)
+        executor.shutdown(wait=True)
         for reader in readers:
             reader.close()
 
@@ -558,7 +574,7 @@ def _embed_batch(encoder: AnalogEncoder, x, amp_dtype) -> np.ndarray:
     import torch
 
     with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=amp_dtype):
-        z = encoder.network(x.to(encoder.device, non_blocking=True))
+        z = encoder.inference_network(x.to(encoder.device, non_blocking=True))
     return z.float().cpu().numpy()
 
 
@@ -595,7 +611,7 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
     stop = threading.Event()
     tuner = _TorchThreads(encoder.device, params.torch_threads)
     batches = iter_patch_batches(params.raster, grid, size, params.batch_size, params.band, stop=stop,
-                                 threads=threads, block_reads=block, prepare=prepare)
+                                 threads=threads, block_reads=block, prepare=prepare, reuse=True)
     try:
         last = ready = time.perf_counter()
         last_cpu = time.process_time()

@@ -30,7 +30,7 @@ def area(tmp_path):
 def read_counter(monkeypatch, area):
     """Counts the real reader's pixel reads of the area raster (the reads still happen)."""
     counts = {"reads": 0}
-    for name in ("read_region", "read_window"):
+    for name in ("read_row_cells", "read_window"):
         original = getattr(GreyReader, name)
 
         def counted(self, *args, _original=original, **kw):

@@ -57,20 +57,28 @@ def test_resampled_reads_still_use_gdal_masks(tmp_path):
     assert np.array_equal(ok, expected) and ok[:, :5].sum() == 0
 
 
-def test_reused_buffers_hold_the_same_values_and_are_reused(tmp_path):
+@pytest.mark.parametrize("bands, nodata", [(3, 0), (1, 0), (1, None)])
+@pytest.mark.parametrize("at", [slice(0, 5), np.array([0, 2, 3])])
+def test_row_of_cells_equals_each_cell_read_alone(tmp_path, bands, nodata, at):
+    """A row of cells read from one strip, straight into the caller's buffer, gives each cell's
+    own read bit for bit: grey, stretch, its own nodata fill, its valid fraction."""
     rng = np.random.default_rng(2)
-    rgb = rng.integers(1, 255, (3, 100, 300)).astype(np.uint8)
-    rgb[:, :, :40] = 0
-    path = write_raster(tmp_path / "rgb.tif", rgb, UTM, Affine(10, 0, 0, 0, -10, 1000), nodata=0)
+    data = rng.integers(1, 255, (bands, 100, 300)).astype(np.uint8)
+    data[:, :, :40] = 0  # cell 0 is 40 % nodata, cell 1 10 %
+    data[:, 60:, 130:150] = 0
+    path = write_raster(tmp_path / "r.tif", data if bands > 1 else data[0], UTM, Affine(10, 0, 0, 0, -10, 1000),
+                        nodata=nodata)
     with GreyReader(path) as reader:
-        fresh = [tuple(a.copy() for a in reader.read_region(c, 0, 100, 100, 100, 100)) for c in (0, 100, 200)]
-        reused = []
-        for c in (0, 100, 200):
-            grey, ok = reader.read_region(c, 0, 100, 100, 100, 100, reuse=True)
-            reused.append((grey, ok))
-            assert np.array_equal(grey, fresh[len(reused) - 1][0]) and np.array_equal(ok, fresh[len(reused) - 1][1])
-        # Documented: a reused read overwrites the previous one's arrays.
-        assert np.shares_memory(reused[0][0], reused[2][0]) and np.array_equal(reused[0][0], fresh[2][0])
-        # The per-cell read of the same square gives the same patch.
-        patch, valid = reader.read_window(0, 0, 100, 100, 100)
-    assert np.array_equal(patch, fresh[0][0]) and valid == pytest.approx(0.6)
+        picked = np.arange(5)[at]
+        out = np.full((len(picked), 60, 60), np.nan, np.float32)
+        valid = reader.read_row_cells(0, 20, 300, 60, 60, at, out)
+        alone = [reader.read_window(60 * c, 20, 60, 60, 60) for c in picked]
+        again = reader.read_row_cells(0, 20, 300, 60, 60, at, np.empty_like(out))
+    for j, (patch, fraction) in enumerate(alone):
+        assert np.array_equal(out[j], patch)
+        assert valid[j] == pytest.approx(fraction if nodata is not None else 1.0)
+    assert np.array_equal(again, valid)  # the reader's buffers are reused, not stale
+    if nodata is not None and 0 in picked:
+        assert valid[0] == pytest.approx((60 - 40) / 60)
+        # The cell's nodata holds the mean of its own valid pixels, not a fixed grey.
+        assert np.allclose(out[0][:, :40], out[0][:, 40:].mean(), atol=1e-5)

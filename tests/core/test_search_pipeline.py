@@ -74,6 +74,25 @@ class TestReads:
                 w = from_bounds(*b, transform=reader.ds.transform)
                 assert reader.window_of(tuple(b)) == (w.col_off, w.row_off, w.width, w.height)
 
+    def test_reused_buffers_give_the_same_batches(self, area_raster):
+        """With ``reuse`` the batches come in a few buffers made once, read into again only
+        after the consumer has moved two batches on."""
+        _, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1000, stride_m=250))
+        fresh = list(iter_patch_batches(area_raster, grid, 100, 8, threads=2, prefetch=1))
+        seen, buffers = [], set()
+        gen = iter_patch_batches(area_raster, grid, 100, 8, threads=2, prefetch=1, reuse=True)
+        previous = None
+        for idx, patches, valid in gen:
+            if previous is not None:  # the batch before is still intact when this one arrives
+                assert np.array_equal(previous[1], fresh[len(seen) - 1][1])
+            seen.append((idx, patches.copy(), valid))
+            buffers.add(patches.__array_interface__["data"][0])
+            previous = (idx, patches)
+        assert len(seen) == len(fresh) > 8
+        for (i1, p1, v1), (i2, p2, v2) in zip(fresh, seen):
+            assert np.array_equal(i1, i2) and np.array_equal(p1, p2) and np.array_equal(v1, v2)
+        assert len(buffers) <= 2 + 1 + 1  # threads + prefetch + the consumer's
+
     def test_readers_stop_when_the_consumer_stops(self, area_raster):
         _, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1000, stride_m=250))
         before = threading.active_count()
