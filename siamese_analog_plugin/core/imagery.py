@@ -160,18 +160,10 @@ class GreyReader:
         return float(lo), float(hi)
 
     # -- reads -------------------------------------------------------------------------
-    def _read_raw(self, window, out_shape, resampling=None, scratch: _Scratch | None = None):
-        """Grey (not stretched) and validity (``None``: all valid) for a window at ``out_shape``.
-
-        With ``scratch`` the pixels, grey and validity go into its buffers (no new memory).
-        """
-        data, valid = self._read_pixels(window, out_shape, resampling, scratch)
-        if scratch is not None:
-            grey = _luminance(data, scratch.get("grey", out_shape, np.float32),
-                              scratch.get("part", out_shape, np.float32))
-        else:
-            grey = _luminance(data)
-        return grey, valid
+    def _read_raw(self, window, out_shape, resampling=None):
+        """Grey (not stretched) and validity (``None``: all valid) for a window at ``out_shape``."""
+        data, valid = self._read_pixels(window, out_shape, resampling)
+        return _luminance(data), valid
 
     def _read_pixels(self, window, out_shape, resampling=None, scratch: _Scratch | None = None):
         """The bands' pixels ``(bands, *out_shape)`` of a window and their validity (``None``:
@@ -242,29 +234,10 @@ class GreyReader:
             fill_invalid(out[j], masks[j])
         return valid
 
-    def _to_unit(self, grey: np.ndarray, ok: np.ndarray | None, scratch: _Scratch | None = None) -> np.ndarray:
+    def _to_unit(self, grey: np.ndarray, ok: np.ndarray | None) -> np.ndarray:
         """Stretch grey to [0, 1] in place and fill invalid pixels (:func:`fill_invalid`)."""
         self._stretch_in_place(grey)
-        if ok is not None:
-            invalid = np.logical_not(ok, out=scratch.get("invalid", ok.shape, np.bool_) if scratch else None)
-            if invalid.any():
-                np.copyto(grey, _valid_mean(grey, ok), where=invalid)
-        return grey
-
-    def read_region(self, col_off: int, row_off: int, width: int, height: int, out_width: int, out_height: int):
-        """Read a whole pixel-aligned region (inside the raster) as grey in [0, 1] and validity,
-        at ``out_width`` x ``out_height`` (averaged when smaller, bilinear when larger).
-
-        Invalid pixels are filled with the region's valid mean. The validity is ``None`` when
-        the raster has no mask (every pixel valid).
-        """
-        from rasterio.windows import Window
-
-        scratch = None
-        resampling = _resampling().average if width >= out_width else _resampling().bilinear
-        grey, ok = self._read_raw(Window(col_off, row_off, width, height), (out_height, out_width), resampling,
-                                  scratch)
-        return self._to_unit(grey, ok, scratch), ok
+        return grey if ok is None else fill_invalid(grey, ok)
 
     def read_bounds(self, bounds: tuple[float, float, float, float], size: int):
         """Read the ground square ``bounds`` (raster CRS) as a ``size`` x ``size`` grey patch.
