@@ -289,7 +289,7 @@ class AnalogEncoder:
         weights), so embedding during fine-tuning sees the current weights.
         """
         tensors = [*self.network.parameters(), *self.network.buffers()]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = tuple((t.data_ptr(), getattr(t, "_version", None)) for t in tensors)
         if self._inference is None or self._inference[0] != key:
             self._inference = (key, optimise_for_inference(self.network, self.device))
         return self._inference[1]
