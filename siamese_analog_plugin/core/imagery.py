@@ -134,7 +134,6 @@ class GreyReader:
         self._dtype = np.dtype(dtypes.pop()) if len(dtypes) == 1 else None  # of reads into a buffer
         self._scratch = _Scratch()
         self._inverse = ~ds.transform
-        self._never_below = self._never_above = False  # (set below; the stretch reads need them unset)
         self.lo, self.hi = stretch if stretch is not None else self._stretch()
         kinds = {np.dtype(ds.dtypes[b - 1]) for b in self.bands}
         self._never_below = all(k.kind == "u" for k in kinds) and self.lo <= 0

@@ -284,9 +284,9 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
     for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
         c = cols[a:b]
         c_lo, c_hi = int(c.min()), int(c.max())
-        at = c - c_lo
-        if at[-1] == b - a - 1 and (b - a == 1 or bool((np.diff(at) == 1).all())):
-            at = slice(0, b - a)  # every cell from the first to the last: a view, no copy
+        # A row's columns rise (the grid is row-major): when they span exactly as many columns as
+        # there are cells, they are every cell from the first to the last, read as a view.
+        at = slice(0, b - a) if c_hi - c_lo == b - a - 1 else c - c_lo
         valid[a:b] = reader.read_row_cells(plan.col0 + c_lo * plan.step_px, plan.row0 + int(rows[a]) * plan.step_py,
                                            (c_hi - c_lo) * plan.step_px + size, size, plan.step_px, at,
                                            patches[a:b])
@@ -310,7 +310,7 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
 
     With ``reuse`` the patches of a batch are read into one of ``threads + prefetch + 1``
     buffers made once, and a batch's buffer is read into again once the consumer asks for the
-    batch after the next: use (or copy) a batch's patches before then. A long search then
+    next batch: use (or copy) a batch's patches before then. A long search then
     allocates no batch-sized arrays: with fresh ones, each thread's malloc arena keeps tens of
     MB it freed (glibc), and the process's peak memory crept up over the first thousands of
     batches.
