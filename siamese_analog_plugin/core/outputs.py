@@ -13,6 +13,7 @@ for the disk and nothing but a strip of the raster is held. The columns that nee
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import sqlite3
@@ -234,15 +235,22 @@ def _grid_columns(grid, index) -> dict[str, np.ndarray]:
 class CellLayerWriter:
     """A GeoPackage with the cells as polygons, appended chunk by chunk (one transaction each).
 
+    GDAL creates the file, the layer, its fields and its spatial index (an R-tree kept up to
+    date by triggers); the cells are then inserted with SQLite itself, their geometries built as
+    GeoPackage blobs with NumPy: through OGR, setting each field of each feature from Python
+    cost more than the rest of a search's writing. The R-tree triggers call GDAL's SQL
+    functions, which plain SQLite lacks: while the cells are appended they are set aside and
+    the R-tree rows written with the cells (by the writer thread, while the search runs, not
+    after it); :meth:`finish` puts the triggers back. The file is the one OGR would write: a
+    test compares them.
+
     Args:
         path: the GeoPackage to create.
         grid: the :class:`~.grid.CellGrid`.
         fields: ``(name, kind)`` pairs, kind in int/int64/real/str (default :data:`CELL_FIELDS`);
             id/row/col/lon/lat/coverage come from the grid, the others from the columns given.
         layer_name: name of the polygon layer.
-        late_columns: when true, the spatial index is built in :meth:`finish`, after the
-            columns given there have been updated (an attribute update then costs no index
-            maintenance); the file is the same.
+        late_columns: allow :meth:`finish` to set columns (e.g. rank, once every cell is scored).
     """
 
     def __init__(self, path: str, grid, fields: list[tuple[str, str]] | None = None,
@@ -258,15 +266,36 @@ class CellLayerWriter:
         self._srs = osr.SpatialReference()
         self._srs.ImportFromWkt(grid.crs_wkt)
         self._srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        self._ds = None
+        self._con: sqlite3.Connection | None = None
+        self._count = 0
+        self._extent = [np.inf, np.inf, -np.inf, -np.inf]
         try:
-            self._ds = ogr.GetDriverByName("GPKG").CreateDataSource(path)
-            index = "NO" if late_columns else "YES"
-            self._layer = self._ds.CreateLayer(layer_name, self._srs, ogr.wkbPolygon,
-                                               options=["FID=fid", f"SPATIAL_INDEX={index}"])
+            ds = ogr.GetDriverByName("GPKG").CreateDataSource(path)
+            layer = ds.CreateLayer(layer_name, self._srs, ogr.wkbPolygon, options=["FID=fid", "SPATIAL_INDEX=YES"])
             for name, kind in self._fields:
-                self._layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
-            self._defn = self._layer.GetLayerDefn()
+                layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
+            layer = ds = None  # written and closed: the rows go in through SQLite
+            # The writer thread of a ResultStream appends: one thread at a time, not this one.
+            self._con = con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # No disk sync at each batch's commit: the file is a temporary one until the search
+            # completes (atomic_outputs); finish() commits with a full sync.
+            con.execute("PRAGMA synchronous = OFF")
+            self._srs_id, geom = con.execute("SELECT srs_id, column_name FROM gpkg_geometry_columns "
+                                             "WHERE table_name = ?", (layer_name,)).fetchone()
+            self._rtree = f"rtree_{layer_name}_{geom}"
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (self._rtree,)).fetchone():
+                self._rtree = None  # a GDAL that makes the index later: finish() asks it to
+            triggers = con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? "
+                                   "AND substr(name, 1, ?) = ?",
+                                   (layer_name, len(f"rtree_{layer_name}_"), f"rtree_{layer_name}_")).fetchall()
+            self._triggers = [sql for _, sql in triggers]
+            con.execute("BEGIN")
+            for name, _ in triggers:
+                con.execute(f'DROP TRIGGER "{name}"')
+            con.execute("COMMIT")
+            self._insert = (f'INSERT INTO "{layer_name}" ("fid", "geom"'
+                            + "".join(f', "{n}"' for n, _ in self._fields) + ") VALUES (?, ?"
+                            + ", ?" * len(self._fields) + ")")
         except Exception as exc:
             self.abort()
             raise OutputError(f"Cannot write the cell layer '{path}': {exc}", "Check the destination") from exc
@@ -276,27 +305,27 @@ class CellLayerWriter:
 
         ``None`` values, NaN and infinities are written as NULL; fields with no column are NULL.
         """
-        ogr = self._ogr
         values = {**_grid_columns(self._grid, slice(start, stop)), **columns}
-        names = [n for n, _ in self._fields if n in values]
-        layer, defn = self._layer, self._defn
         try:
-            layer.StartTransaction()
+            self._con.execute("BEGIN")
             # Chunks keep the Python values of a few thousand cells alive at a time, not all.
             for lo in range(start, stop, _CHUNK):
                 hi = min(lo + _CHUNK, stop)
                 part = slice(lo - start, hi - start)
-                setters = [_column_setter(defn.GetFieldIndex(name), values[name][part]) for name in names]
-                wkb = _polygon_wkb(self._grid.bounds_array(np.arange(lo, hi)))
+                bounds = self._grid.bounds_array(np.arange(lo, hi))
+                self._extent = [min(self._extent[0], float(bounds[:, 0].min())),
+                                min(self._extent[1], float(bounds[:, 1].min())),
+                                max(self._extent[2], float(bounds[:, 2].max())),
+                                max(self._extent[3], float(bounds[:, 3].max()))]
+                cols = [_sql_values(values[n][part]) if n in values else itertools.repeat(None, hi - lo)
+                        for n, _ in self._fields]
                 fids = self._grid.ids[lo:hi].tolist()
-                for i in range(hi - lo):
-                    f = ogr.Feature(defn)
-                    f.SetFID(fids[i])
-                    for setter in setters:
-                        setter(f, i)
-                    f.SetGeometryDirectly(ogr.CreateGeometryFromWkb(wkb[i].tobytes()))
-                    layer.CreateFeature(f)
-            layer.CommitTransaction()
+                self._con.executemany(self._insert, zip(fids, _gpkg_polygons(bounds, self._srs_id), *cols))
+                if self._rtree is not None:  # what GDAL's trigger inserts: id, min x, max x, min y, max y
+                    self._con.executemany(f'INSERT INTO "{self._rtree}" VALUES (?, ?, ?, ?, ?)',
+                                          zip(fids, *(bounds[:, k].tolist() for k in (0, 2, 1, 3))))
+                self._count += hi - lo
+            self._con.execute("COMMIT")
         except Exception as exc:
             raise OutputError(f"Cannot write the cell layer '{self.path}': {exc}",
                               "Check the destination (free disk space, permissions)") from exc
@@ -313,21 +342,32 @@ class CellLayerWriter:
                 :data:`SITES_LAYER`, in this order, with these column values.
         """
         try:
-            if sites_index is not None:
-                self._write_sites(np.asarray(sites_index), sites_columns or {})
-            self._layer = self._defn = None
-            self._ds = None  # close: flushes and releases the SQLite file
             if update_columns:
                 if not self._late:
                     raise OutputError("Cell columns can only be updated at the end of a layer made with late "
                                       "columns", "Create the CellLayerWriter with late_columns=True (a bug)")
                 self._update(np.asarray(update_index), update_columns)
-            if self._late:
-                ds = self._ogr.Open(self.path, update=1)
+            # What OGR keeps of a layer it wrote: its extent and feature count.
+            extent = self._extent if self._count else [None] * 4
+            self._con.execute("PRAGMA synchronous = FULL")  # this commit syncs everything written
+            self._con.execute("BEGIN")
+            self._con.execute("UPDATE gpkg_contents SET min_x = ?, min_y = ?, max_x = ?, max_y = ? "
+                              "WHERE lower(table_name) = lower(?)", (*extent, self._layer_name))
+            self._con.execute("UPDATE gpkg_ogr_contents SET feature_count = ? WHERE lower(table_name) = lower(?)",
+                              (self._count, self._layer_name))
+            for sql in self._triggers:  # the R-tree is complete: GDAL's triggers keep it so from now on
+                self._con.execute(sql)
+            self._con.execute("COMMIT")
+            self._con.close()
+            self._con = None
+            ds = self._ogr.Open(self.path, update=1)
+            if sites_index is not None:
+                self._write_sites(ds, np.asarray(sites_index), sites_columns or {})
+            if self._rtree is None:
                 done = ds.ExecuteSQL(f"SELECT CreateSpatialIndex('{self._layer_name}', 'geom')")
                 if done is not None:
                     ds.ReleaseResultSet(done)
-                ds = None
+            ds = None
         except OutputError:
             raise
         except Exception as exc:
@@ -336,29 +376,26 @@ class CellLayerWriter:
     def _update(self, index: np.ndarray, columns: dict[str, np.ndarray]) -> None:
         """Set columns of the cells ``index`` with one SQL UPDATE per cell, in one transaction.
 
-        Through SQLite itself: OGR would rewrite each whole feature. Values are converted as
-        :meth:`append` converts them (NaN -> NULL), so the file is what writing them at once gives.
+        Values are converted as :meth:`append` converts them (NaN -> NULL), so the file is what
+        writing them at once gives.
         """
         kinds = dict(self._fields)
         names = [n for n in columns if n in kinds]
         sql = (f'UPDATE "{self._layer_name}" SET ' + ", ".join(f'"{n}" = ?' for n in names) + ' WHERE "fid" = ?')
         fids = self._grid.ids[index]
-        con = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            con.execute("BEGIN")
-            for lo in range(0, index.size, _CHUNK):
-                hi = min(lo + _CHUNK, index.size)
-                cols = [_sql_values(columns[n][lo:hi]) for n in names] + [fids[lo:hi].tolist()]
-                con.executemany(sql, zip(*cols))
-            con.execute("COMMIT")
-        finally:
-            con.close()
+        con = self._con
+        con.execute("BEGIN")
+        for lo in range(0, index.size, _CHUNK):
+            hi = min(lo + _CHUNK, index.size)
+            cols = [_sql_values(columns[n][lo:hi]) for n in names] + [fids[lo:hi].tolist()]
+            con.executemany(sql, zip(*cols))
+        con.execute("COMMIT")
 
-    def _write_sites(self, index: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    def _write_sites(self, ds, index: np.ndarray, columns: dict[str, np.ndarray]) -> None:
         ogr = self._ogr
         values = {**_grid_columns(self._grid, index), **columns}
         names = [n for n, _ in self._fields if n in values]
-        layer = self._ds.CreateLayer(SITES_LAYER, self._srs, ogr.wkbPoint, options=["FID=fid"])
+        layer = ds.CreateLayer(SITES_LAYER, self._srs, ogr.wkbPoint, options=["FID=fid"])
         for name, kind in CELL_FIELDS:
             if name in values:
                 layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
@@ -375,8 +412,10 @@ class CellLayerWriter:
 
     def abort(self) -> None:
         """Close without completing (the caller removes the file)."""
-        self._layer = self._defn = None
-        self._ds = None
+        if self._con is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._con.close()
+            self._con = None
 
 
 def _sql_values(column) -> list:
@@ -544,54 +583,27 @@ class ResultStream:
             raise OutputError("The outputs were left unfinished", "Call finish() before leaving (this is a bug)")
 
 
-def _polygon_wkb(bounds: np.ndarray) -> np.ndarray:
-    """Little-endian WKB of the rectangles ``bounds`` (N, 4), one row of bytes per polygon.
+def _gpkg_polygons(bounds: np.ndarray, srs_id: int) -> list[bytes]:
+    """GeoPackage geometry blobs of the rectangles ``bounds`` (N, 4), as OGR writes them.
 
-    Built at once with NumPy: parsing a WKT string per cell cost more than writing the cell.
+    Each is the GeoPackage header (``GP``, version 0, little-endian, an XY envelope), the SRS
+    id and the envelope, then the little-endian WKB of the closed ring. Built at once with
+    NumPy: a geometry object per cell cost more than writing the cell.
     """
     n = len(bounds)
-    head = np.frombuffer(np.array([1], "<u1").tobytes() + np.array([3, 1, 5], "<u4").tobytes(), dtype=np.uint8)
+    head = (b"GP\x00\x03" + np.array([srs_id], "<i4").tobytes())
+    wkb_head = np.array([1], "<u1").tobytes() + np.array([3, 1, 5], "<u4").tobytes()
     x0, y0, x1, y1 = (bounds[:, k].astype("<f8") for k in range(4))
-    ring = np.stack([x0, y0, x1, y0, x1, y1, x0, y1, x0, y0], axis=1)  # closed ring, as the WKT was
-    out = np.empty((n, head.size + 80), dtype=np.uint8)
-    out[:, : head.size] = head
-    out[:, head.size:] = np.ascontiguousarray(ring).view(np.uint8).reshape(n, 80)
-    return out
-
-
-def _column_setter(index: int, column):
-    """A ``f(feature, i)`` that sets field ``index`` from ``column[i]`` with the typed OGR call.
-
-    Same values as :func:`set_field` (NaN and None become NULL), without its per-value name
-    lookup and type dispatch.
-    """
-    arr = np.asarray(column)
-    values = arr.tolist()
-    if arr.dtype.kind == "f":
-        def set_real(f, i):
-            v = values[i]
-            if v == v and v not in (float("inf"), float("-inf")):
-                f.SetField(index, v)
-            else:
-                f.SetFieldNull(index)
-        return set_real
-    if arr.dtype.kind in "iu":
-        return lambda f, i: f.SetFieldInteger64(index, int(values[i]))
-
-    def set_other(f, i):
-        v = values[i]
-        if v is None:
-            f.SetFieldNull(index)
-        elif isinstance(v, float):
-            if v == v and v not in (float("inf"), float("-inf")):
-                f.SetField(index, v)
-            else:
-                f.SetFieldNull(index)
-        elif isinstance(v, int):
-            f.SetFieldInteger64(index, v)
-        else:
-            f.SetFieldString(index, str(v))
-    return set_other
+    envelope = np.stack([x0, x1, y0, y1], axis=1)
+    ring = np.stack([x0, y0, x1, y0, x1, y1, x0, y1, x0, y0], axis=1)  # closed, counter-clockwise
+    size = len(head) + 32 + len(wkb_head) + 80
+    out = np.empty((n, size), dtype=np.uint8)
+    out[:, :8] = np.frombuffer(head, dtype=np.uint8)
+    out[:, 8:40] = np.ascontiguousarray(envelope).view(np.uint8).reshape(n, 32)
+    out[:, 40:40 + len(wkb_head)] = np.frombuffer(wkb_head, dtype=np.uint8)
+    out[:, 40 + len(wkb_head):] = np.ascontiguousarray(ring).view(np.uint8).reshape(n, 80)
+    raw = out.tobytes()
+    return [raw[i:i + size] for i in range(0, n * size, size)]
 
 
 def set_field(feature, name, value) -> None:

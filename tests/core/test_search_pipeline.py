@@ -5,6 +5,7 @@ Every test runs the real reader on real GeoTIFFs and a real (tiny) model.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from affine import Affine
-from osgeo import ogr
+from osgeo import ogr, osr
 from rasterio.windows import from_bounds
 
 from siamese_analog_plugin.core import outputs
@@ -75,22 +76,26 @@ class TestReads:
                 w = from_bounds(*b, transform=reader.ds.transform)
                 assert reader.window_of(tuple(b)) == (w.col_off, w.row_off, w.width, w.height)
 
-    def test_reused_buffers_give_the_same_batches(self, area_raster):
+    @pytest.mark.parametrize("held", [1, 3])
+    def test_reused_buffers_give_the_same_batches(self, area_raster, held):
         """With ``reuse`` the batches come in a few buffers made once, read into again only
-        after the consumer has asked for the next batch."""
+        after the consumer has asked for ``held`` more batches (the encoder threads hold that
+        many at once)."""
         _, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1000, stride_m=250))
         fresh = list(iter_patch_batches(area_raster, grid, 100, 8, threads=2, prefetch=1))
-        seen, buffers = [], set()
-        gen = iter_patch_batches(area_raster, grid, 100, 8, threads=2, prefetch=1, reuse=True)
+        seen, buffers, holding = [], set(), []
+        gen = iter_patch_batches(area_raster, grid, 100, 8, threads=2, prefetch=1, reuse=True, held=held)
         for idx, patches, valid in gen:
             seen.append((idx, patches.copy(), valid))
             buffers.add(patches.__array_interface__["data"][0])
-            time.sleep(0.005)  # the readers run on meanwhile: the batch held is still intact
-            assert np.array_equal(patches, fresh[len(seen) - 1][1])
+            holding = (holding + [(len(seen) - 1, patches)])[-held:]
+            time.sleep(0.005)  # the readers run on meanwhile: the batches held are still intact
+            for k, kept in holding:
+                assert np.array_equal(kept, fresh[k][1])
         assert len(seen) == len(fresh) > 8
         for (i1, p1, v1), (i2, p2, v2) in zip(fresh, seen):
             assert np.array_equal(i1, i2) and np.array_equal(p1, p2) and np.array_equal(v1, v2)
-        assert len(buffers) <= 2 + 1 + 1  # threads + prefetch + the consumer's
+        assert len(buffers) <= 2 + 1 + held  # threads + prefetch + the consumer's
 
     def test_readers_stop_when_the_consumer_stops(self, area_raster):
         _, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1000, stride_m=250))
@@ -105,13 +110,15 @@ class TestRunSearch:
     def test_same_result_whatever_the_threads_and_read_mode(self, area_raster, tiny_model):
         params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, stride_m=500, model=tiny_model,
                               device="cpu", batch_size=8)
+        params.torch_threads = 1
         a = run_search(params)
-        params.reader_threads, params.torch_threads = 3, 1
+        params.reader_threads, params.torch_threads = 3, 3  # three batches encoded at once
         b = run_search(params)
         params.block_reads = False
         c = run_search(params)
         assert a.extra["read_mode"] == "block" and c.extra["read_mode"] == "cell"
-        assert b.extra["reader_threads"] == 3 and b.extra["torch_threads"] == 1
+        assert a.extra["encoder_threads"] == 1 and a.extra["torch_threads"] == 1
+        assert b.extra["reader_threads"] == 3 and b.extra["encoder_threads"] == 3 and b.extra["torch_threads"] == 1
         for other in (b, c):
             assert np.array_equal(a.dissimilarity, other.dissimilarity, equal_nan=True)
             assert np.array_equal(a.rank, other.rank)
@@ -135,7 +142,10 @@ class TestRunSearch:
         result = run_search(SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, stride_m=250,
                                          model=tiny_model, device="cpu", batch_size=16), feedback=log)
         assert torch.get_num_threads() == before
-        assert 1 <= result.extra["torch_threads"] <= max(before, 1)
+        # One encoder thread per core (up to 4), the cores shared out between them.
+        workers = result.extra["encoder_threads"]
+        assert workers == min(before, 4) and result.extra["torch_threads"] == max(1, before // workers)
+        assert any("encoding with" in line for line in log.lines)
         assert any(line.startswith("Device: cpu (") for line in log.lines)
         assert any("block reads" in line for line in log.lines)
 
@@ -167,8 +177,55 @@ def test_gpu_matches_cpu_within_tolerance(area_raster, tiny_model):
     assert len(best & {c["id"] for c in amp.best(10)}) >= 4
 
 
-def test_fast_cell_writer_matches_the_field_by_field_writer(tmp_path):
-    """The typed, index-based setters and WKB geometries write what set_field and WKT wrote."""
+def _ogr_cell_layer(path, grid, fields, cols, sites):
+    """The cell layer written the plain OGR way: a feature at a time, each field set by name,
+    a WKT polygon, OGR's own spatial index and extent; the best cells as points."""
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(grid.crs_wkt)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    kinds = {"int": ogr.OFTInteger, "int64": ogr.OFTInteger64, "real": ogr.OFTReal, "str": ogr.OFTString}
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(path)
+    values = {**outputs._grid_columns(grid, slice(None)), **cols}
+    for name, geom, index in (("cells", ogr.wkbPolygon, np.arange(len(grid))), ("analog_sites", ogr.wkbPoint, sites)):
+        layer = ds.CreateLayer(name, srs, geom, options=["FID=fid"])
+        for field, kind in fields:
+            layer.CreateField(ogr.FieldDefn(field, kinds[kind]))
+        layer.StartTransaction()
+        for i in index:
+            f = ogr.Feature(layer.GetLayerDefn())
+            if geom == ogr.wkbPolygon:
+                f.SetFID(int(grid.ids[i]))
+            for field, _ in fields:
+                outputs.set_field(f, field, values[field][i])
+            x0, y0, x1, y1 = grid.bounds(int(i))
+            wkt = (f"POLYGON(({x0!r} {y0!r},{x1!r} {y0!r},{x1!r} {y1!r},{x0!r} {y1!r},{x0!r} {y0!r}))"
+                   if geom == ogr.wkbPolygon else f"POINT({(x0 + x1) / 2!r} {(y0 + y1) / 2!r})")
+            f.SetGeometryDirectly(ogr.CreateGeometryFromWkt(wkt))
+            layer.CreateFeature(f)
+        layer.CommitTransaction()
+    ds = None
+
+
+def _sqlite_dump(path):
+    """What a reader of the file finds: rows with their geometry bytes, the metadata tables, the
+    R-tree, triggers and table definitions (the timestamps aside)."""
+    con = sqlite3.connect(path)
+    try:
+        out = {t: sorted(con.execute(f'SELECT * FROM "{t}"')) for t in
+               ("cells", "analog_sites", "rtree_cells_geom", "gpkg_ogr_contents", "gpkg_geometry_columns",
+                "gpkg_extensions", "gpkg_spatial_ref_sys")}
+        out["contents"] = sorted(con.execute("SELECT table_name, data_type, identifier, min_x, min_y, max_x, max_y, "
+                                             "srs_id FROM gpkg_contents"))
+        out["schema"] = sorted(con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+    finally:
+        con.close()
+    return out
+
+
+def test_sql_cell_writer_writes_the_file_ogr_writes(tmp_path):
+    """Cells inserted with SQLite (geometry blobs built with NumPy) give the file OGR gives when
+    it writes them a feature at a time: the same rows and geometry bytes, extent, feature count,
+    spatial index and schema; NaN and None are NULL."""
     info, grid = plan_grid(SearchParams(str(SAMPLE_RASTER), None, cell_size_m=20000))
     n = len(grid)
     d = np.linspace(0, 1, n, dtype=np.float32)
@@ -176,23 +233,14 @@ def test_fast_cell_writer_matches_the_field_by_field_writer(tmp_path):
     cols = {"dissimilarity": d, "rank": np.arange(n, dtype=np.int32), "percentile": d * 100,
             "status": np.where(np.isfinite(d), "scored", "nodata"), "valid_fraction": np.ones(n, np.float32),
             "reference": np.array(["a.png", None, ""] * n, dtype=object)[:n]}
-    path = str(tmp_path / "c.gpkg")
-    outputs.write_cells_gpkg(path, grid, cols, top_k=3)
-    ds = ogr.Open(path)  # keep the dataset alive while its layer is used
-    layer = ds.GetLayerByName("cells")
-    bounds = grid.bounds_array()
-    defn = layer.GetLayerDefn()
-    for i, f in enumerate(layer):
-        ref = ogr.Feature(defn)
-        for name in ("dissimilarity", "rank", "percentile", "status", "valid_fraction", "reference"):
-            outputs.set_field(ref, name, cols[name][i])
-        for name in ("dissimilarity", "rank", "percentile", "status", "valid_fraction", "reference"):
-            assert f.IsFieldNull(name) == ref.IsFieldNull(name)
-            assert f.GetField(name) == ref.GetField(name)
-        x0, y0, x1, y1 = bounds[i]
-        wkt = ogr.CreateGeometryFromWkt(f"POLYGON(({x0!r} {y0!r},{x1!r} {y0!r},{x1!r} {y1!r},{x0!r} {y1!r},"
-                                        f"{x0!r} {y0!r}))")
-        assert f.GetGeometryRef().ExportToWkb() == wkt.ExportToWkb()
+    ours, theirs = str(tmp_path / "ours.gpkg"), str(tmp_path / "ogr.gpkg")
+    outputs.write_cells_gpkg(ours, grid, cols, top_k=3)
+    _ogr_cell_layer(theirs, grid, outputs.CELL_FIELDS, cols, outputs.best_cells(cols["rank"], 3))
+    a, b = _sqlite_dump(ours), _sqlite_dump(theirs)
+    assert len(a["cells"]) == n > 20 and len(a["rtree_cells_geom"]) == n and len(a["analog_sites"]) == 3
+    assert any(v is None for row in a["cells"] for v in row)  # NULLs were written
+    for key in a:
+        assert a[key] == b[key], key
 
 
 @pytest.mark.parametrize("normalisation", [{"mode": "per_patch"}, {"mode": "global", "mean": 0.41, "std": 0.2}])
