@@ -141,32 +141,42 @@ def peak_rss_mb() -> float:
 
 
 # -- measurements ------------------------------------------------------------------------
-def _model_only(encoder, x, cells: int) -> tuple[float, int, float]:
-    """Cells/s of the encoder alone on a tensor already in memory, the CPU threads used, and the
-    process CPU time per cell (ms) of that run.
+def _model_only(encoder, x, cells: int) -> tuple[float, str, float]:
+    """Cells/s of the encoder alone on a tensor already in memory, how it ran, and the process
+    CPU time per cell (ms) of that run.
 
-    On CPU it is timed with torch's threads (one per core) and with one fewer, and the faster
-    counts: the bound is the best the encoder can do on its own.
+    On CPU it is timed in each way it can use the cores: one batch at a time on torch's
+    threads (one per core) or one fewer, and several batches at once as the search runs them
+    (:class:`~.search._EncoderThreads`); the fastest counts: the bound is the best the encoder
+    can do on its own.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
-    from .search import _embed_batch
+    from .search import _embed_batch, _EncoderThreads
 
     before = torch.get_num_threads()
-    options = [before, before - 1] if encoder.device.type == "cpu" and before > 1 else [before]
-    best = (0.0, before, float("nan"))
+    options = [(1, before)]
+    if encoder.device.type == "cpu" and before > 1:
+        plan = _EncoderThreads(encoder.device, None)
+        plan.restore()
+        options += [(1, before - 1), (plan.workers, plan.per_worker)]
+    best = (0.0, "", float("nan"))
     try:
-        for threads in options:
+        for workers, threads in dict.fromkeys(options):
             torch.set_num_threads(threads)
-            _embed_batch(encoder, x, None)  # warm-up
-            reps = max(1, math.ceil(cells / len(options) / len(x)))
-            t, cpu = time.perf_counter(), time.process_time()
-            for _ in range(reps):
-                _embed_batch(encoder, x, None)
-            if encoder.device.type == "cuda":
-                torch.cuda.synchronize()
-            rate = reps * len(x) / (time.perf_counter() - t)
-            best = max(best, (rate, threads, 1e3 * (time.process_time() - cpu) / (reps * len(x))))
+            reps = max(workers, math.ceil(cells / len(options) / len(x)))
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                list(pool.map(lambda _: _embed_batch(encoder, x, None), range(workers)))  # warm-up
+                t, cpu = time.perf_counter(), time.process_time()
+                list(pool.map(lambda _: _embed_batch(encoder, x, None), range(reps)))
+                if encoder.device.type == "cuda":
+                    torch.cuda.synchronize()
+                rate = reps * len(x) / (time.perf_counter() - t)
+                used = time.process_time() - cpu
+            how = f"{threads} CPU thread(s)" if workers == 1 else f"{workers} batches at once, {threads} thread(s) each"
+            best = max(best, (rate, how, 1e3 * used / (reps * len(x))))
     finally:
         torch.set_num_threads(before)
     return best
@@ -300,11 +310,11 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             patches, _ = read_cells(reader, grid, np.arange(min(batch_size, len(grid))), size,
                                     plan_reads(describe_raster(raster), grid, size))
         x = encoder.to_tensor(np.resize(patches, (batch_size, size, size)))
-        model_a, threads_a, cpu_a = _model_only(encoder, x, len(grid) // 2)
+        model_a, how_a, cpu_a = _model_only(encoder, x, len(grid) // 2)
         out = work / "e2e"
         out.mkdir(exist_ok=True)
         result, e2e_s = _search(raster, refs[0], cell_m, encoder, batch_size, out)
-        model_b, threads_b, cpu_b = _model_only(encoder, x, len(grid) // 2)
+        model_b, how_b, cpu_b = _model_only(encoder, x, len(grid) // 2)
         model_rate = (model_a + model_b) / 2
         e2e_rate = len(grid) / e2e_s
         e2e_cpu = 1e3 * result.extra["process_cpu_s"] / len(grid)
@@ -313,9 +323,10 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             f"encoder busy {result.extra.get('encode_seconds', 0):.1f} s, waiting for batches "
             f"{result.extra.get('wait_seconds', 0):.1f} s; {e2e_cpu:.2f} ms CPU a cell)")
         log(f"Model only : {model_rate:10,.1f} cells/s (encoder alone on an in-memory batch of {batch_size}; "
-            f"{model_a:,.1f} before, {model_b:,.1f} after, best of {threads_a}/{threads_b} CPU threads; "
+            f"{model_a:,.1f} before ({how_a}), {model_b:,.1f} after ({how_b}); "
             f"{(cpu_a + cpu_b) / 2:.2f} ms CPU a cell)")
-        log(f"             the search kept {result.extra.get('torch_threads')} encoder thread(s)")
+        log(f"             the search encoded with {result.extra.get('encoder_threads')} thread(s) of "
+            f"{result.extra.get('torch_threads')} torch thread(s)")
         log(f"Ratio      : {e2e_rate / model_rate:10.2f}")
 
         ref_emb = encoder.embed(np.stack([r.patch for r in load_references(refs[0], size)]))
@@ -357,7 +368,8 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             "rss_model": rss_desc,
             "device": describe_device(encoder.device),
             "reader_threads": result.extra.get("reader_threads"),
-            "encoder_threads": result.extra.get("torch_threads"),
+            "encoder_threads": result.extra.get("encoder_threads"),
+            "torch_threads": result.extra.get("torch_threads"),
             "read_mode": result.extra.get("read_mode"),
             "cpu_count": os.cpu_count(),
             "machine": platform.node() or platform.machine(),

@@ -96,8 +96,8 @@ class SearchParams:
         amp: on CUDA, encode in mixed precision (bfloat16, else float16). Dissimilarities then
             differ from float32 by up to ~0.03 (embeddings are unit vectors, distances in
             [0, 2]); ignored on CPU.
-        torch_threads: CPU threads of the encoder (``None``: all cores or one fewer, whichever
-            the first batches show to be faster while the readers run).
+        torch_threads: CPU threads of the encoder (``None``: torch's, one per core); on CPU they
+            encode several batches at once (see :class:`_EncoderThreads`).
         block_reads: read cells that tile the raster a grid row at a time when they can be
             (same values; ``False`` reads every cell on its own).
     """
@@ -301,16 +301,17 @@ def default_reader_threads() -> int:
 def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, band: int | None = None,
                        prefetch: int = 2, stop: threading.Event | None = None, threads: int | None = None,
                        block_reads: bool | None = None, prepare=None, reopen_bytes: float = READER_REOPEN_BYTES,
-                       reuse: bool = False):
+                       reuse: bool = False, held: int = 1):
     """Yield ``(indices, patches, valid_fraction)`` batches in order, read by background threads.
 
     Each reader thread owns its own GDAL handle (GDAL releases the GIL while it reads), and
     together they stay at most ``threads + prefetch`` batches ahead of the consumer, so memory
     depends on the batch size, not on the number of cells.
 
-    With ``reuse`` the patches of a batch are read into one of ``threads + prefetch + 1``
-    buffers made once, and a batch's buffer is read into again once the consumer asks for the
-    next batch: use (or copy) a batch's patches before then. A long search then
+    With ``reuse`` the patches of a batch are read into one of ``threads + prefetch + held``
+    buffers made once, and a batch's buffer is read into again once the consumer has asked for
+    ``held`` more batches (by default: once it asks for the next one): use (or copy) a batch's
+    patches before then. A long search then
     allocates no batch-sized arrays: with fresh ones, each thread's malloc arena keeps tens of
     MB it freed (glibc), and the process's peak memory crept up over the first thousands of
     batches.
@@ -334,43 +335,54 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
     with GreyReader(raster, band=band) as first:
         stretch = (first.lo, first.hi)  # computed once, shared by every reader thread
         bands = len(first.bands)
+        block_h = int(first.ds.block_shapes[first.bands[0] - 1][0])
+        item = max(np.dtype(first.ds.dtypes[b - 1]).itemsize for b in first.bands)
     # Source bytes a cell costs (roughly); a reader is reopened after ``reopen_bytes`` so
     # GDAL's block cache (global, up to 5 % of RAM by default) does not grow with the area:
-    # closing a dataset drops its cached blocks.
+    # closing a dataset drops its cached blocks. Grid rows read in blocks come down the raster,
+    # so a reader is reopened, once past ``reopen_bytes``, when its next strip starts below
+    # every row of blocks it has cached (none would be used again); past ``cap``, anyway.
+    # Reopening every few strips read again the row of blocks the next strip shared.
     px_w, px_h = info.res
     cell_bytes = max(1.0, (grid.cell_w / px_w) * (grid.cell_h / px_h) * bands)
+    cap = max(reopen_bytes, 3.0 * block_h * info.width * bands * item) if plan.block else reopen_bytes
     local = threading.local()
     readers: list[GreyReader] = []
     lock = threading.Lock()
     depth = threads + max(0, prefetch)
     # One buffer per batch that can exist at once: ``depth`` submitted plus the consumer's.
+    held = max(1, int(held))
     pool: queue.SimpleQueue | None = None
     if reuse:
         pool = queue.SimpleQueue()
-        for _ in range(min(depth + 1, -(-n // batch_size))):
+        for _ in range(min(depth + held, -(-n // batch_size))):
             pool.put(np.empty((batch_size, size, size), dtype=np.float32))
 
     def job(start: int, buffer):
         if stop.is_set():
             return None
         reader = getattr(local, "reader", None)
+        idx = np.arange(start, min(start + batch_size, n))
+        first_row = plan.row0 + int(grid.rows[start]) * plan.step_py if plan.block else None
         if reader is None:
             reader = local.reader = GreyReader(raster, band=band, stretch=stretch)
-            local.read_bytes = 0.0
+            local.read_bytes, local.end_row = 0.0, None
             with lock:
                 readers.append(reader)
-        elif local.read_bytes > reopen_bytes:
+        elif local.read_bytes > cap or (local.read_bytes > reopen_bytes and (
+                first_row is None or first_row // block_h > (local.end_row - 1) // block_h)):
             reader.reopen()
             local.read_bytes = 0.0
-        idx = np.arange(start, min(start + batch_size, n))
         patches, valid = read_cells(reader, grid, idx, size, plan, out=buffer)
         local.read_bytes += idx.size * cell_bytes
+        if plan.block:
+            local.end_row = plan.row0 + int(grid.rows[idx[-1]]) * plan.step_py + size
         return prepare(idx, patches, valid) if prepare else (idx, patches, valid)
 
     starts = iter(range(0, n, batch_size))
     pending: collections.deque = collections.deque()
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="analog-reader")
-    in_use = None  # the buffer of the batch the consumer holds
+    in_use: collections.deque = collections.deque()  # the buffers of the batches the consumer holds
 
     def submit(start: int) -> None:
         buffer = pool.get_nowait() if pool is not None else None
@@ -382,9 +394,10 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
         while pending:
             fut, buffer = pending.popleft()
             item = fut.result()
-            if in_use is not None:
-                pool.put(in_use)  # the consumer asked for this batch: it is done with the last
-            in_use = buffer
+            if buffer is not None:
+                in_use.append(buffer)
+                if len(in_use) > held:
+                    pool.put(in_use.popleft())  # the consumer is done with the oldest batch it held
             nxt = next(starts, None)
             if nxt is not None:
                 submit(nxt)
@@ -582,12 +595,17 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
                    ref_emb: np.ndarray, min_valid: float, amp_dtype, dissimilarity: np.ndarray,
                    valid_fraction: np.ndarray, nearest: np.ndarray, extra: dict, writer: CacheWriter | None,
                    feedback: Feedback, t0: float, finished=None) -> float:
-    """Read, normalise, encode and score every cell, batch by batch; returns the encoding seconds.
+    """Read, normalise, encode and score every cell, batch by batch; returns the encoding seconds
+    (summed over the encoder threads).
 
-    Reader threads read and normalise (and pin, on CUDA) the next batches while this thread
-    runs the encoder, so only ``threads + prefetch`` batches of pixels exist at any time.
-    ``finished(start, stop)``, when given, is called with each range of cells that is final.
+    Reader threads read and normalise (and pin, on CUDA) the next batches while encoder
+    threads (see :class:`_EncoderThreads`) embed and score the batches read; this thread
+    hands them out and, in order, stores their results. Only ``readers + prefetch + encoders``
+    batches of pixels exist at any time. ``finished(start, stop)``, when given, is called with
+    each range of cells that is final.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     n = len(grid)
     size = encoder.input_size
     pin = encoder.device.type == "cuda"
@@ -601,116 +619,105 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
             x = x.pin_memory()
         return idx, valid, ok, x
 
+    def encode(x):
+        t = time.perf_counter()
+        emb = _embed_batch(encoder, x, amp_dtype)
+        d, near = score_embeddings(emb, ref_emb, params.aggregate)
+        return emb, d, near, time.perf_counter() - t
+
     threads = params.reader_threads or default_reader_threads()
     extra["reader_threads"] = threads
     block = params.block_reads and plan_reads(info, grid, size).block
     extra["read_mode"] = "block" if block else "cell"
-    feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; precision {extra['precision']}")
+    stop = threading.Event()
+    plan = _EncoderThreads(encoder.device, params.torch_threads)
+    extra["encoder_threads"] = plan.workers
+    extra["torch_threads"] = plan.per_worker
+    feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; encoding with {plan.describe()}; "
+                 f"precision {extra['precision']}")
     encode_s = waited = 0.0
     done = 0
-    stop = threading.Event()
-    tuner = _TorchThreads(encoder.device, params.torch_threads)
+    _ = encoder.inference_network  # built here, once, not by the encoder threads at once
+    pool = ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="analog-encoder",
+                              initializer=plan.enter_worker)
     batches = iter_patch_batches(params.raster, grid, size, params.batch_size, params.band, stop=stop,
-                                 threads=threads, block_reads=block, prepare=prepare, reuse=True)
+                                 threads=threads, block_reads=block, prepare=prepare, reuse=True, held=plan.workers)
+    pending: collections.deque = collections.deque()
+
+    def store(idx, valid, ok, job) -> None:
+        nonlocal encode_s, done
+        emb = None
+        if job is not None:
+            emb, d, near, seconds = job.result()
+            encode_s += seconds
+            dissimilarity[idx[ok]] = d
+            nearest[idx[ok]] = near
+        valid_fraction[idx] = valid
+        if writer is not None:
+            writer.store(idx, valid, ok, emb)
+        if finished is not None:
+            finished(int(idx[0]), int(idx[-1]) + 1)
+        done += idx.size
+        extra["cells_read"] = done
+        feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(time.perf_counter() - t0, 1e-9):,.0f} cells/s")
+
     try:
-        last = ready = time.perf_counter()
-        last_cpu = time.process_time()
+        ready = time.perf_counter()
         for idx, valid, ok, x in batches:
-            waited += time.perf_counter() - ready  # the encoder idle, waiting for the readers
+            waited += time.perf_counter() - ready  # waiting for the readers
             check_cancelled(feedback)
-            valid_fraction[idx] = valid
-            emb = None
-            if x is not None:
-                t = time.perf_counter()
-                emb = _embed_batch(encoder, x, amp_dtype)
-                encode_s += time.perf_counter() - t
-                d, near = score_embeddings(emb, ref_emb, params.aggregate)
-                dissimilarity[idx[ok]] = d
-                nearest[idx[ok]] = near
-            if writer is not None:
-                writer.store(idx, valid, ok, emb)
-            if finished is not None:
-                finished(int(idx[0]), int(idx[-1]) + 1)
-            done += idx.size
-            extra["cells_read"] = done
-            now, now_cpu = time.perf_counter(), time.process_time()
-            tuner.batch_done(idx.size, now - last, now_cpu - last_cpu)
-            last, last_cpu = now, now_cpu
-            feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(now - t0, 1e-9):,.0f} cells/s")
+            pending.append((idx, valid, ok, pool.submit(encode, x) if x is not None else None))
+            while len(pending) >= plan.workers:  # its buffer is read into again after the next batch
+                store(*pending.popleft())
             ready = time.perf_counter()
+        while pending:
+            store(*pending.popleft())
     finally:
         stop.set()
         batches.close()
-        tuner.restore()
-    extra["torch_threads"] = tuner.chosen
+        pool.shutdown(wait=True, cancel_futures=True)
+        plan.restore()
     extra["encode_seconds"] = round(encode_s, 3)
     extra["wait_seconds"] = round(waited, 3)
-    if tuner.trials:
-        tried = ", ".join(f"{k}: {v:,.0f} cells/s" for k, v in tuner.trials.items())
-        feedback.log(f"CPU threads for the encoder: {tried}; kept {tuner.chosen}")
     return encode_s
 
 
-class _TorchThreads:
-    """Torch's CPU threads during a search.
+class _EncoderThreads:
+    """How the encoder uses the CPU during a search.
 
-    By default torch runs one thread per core, but the reader threads need CPU too, and an
-    encoder thread that waits for a busy core stalls all the others: on a loaded machine one
-    thread fewer can be several times faster. So, unless a number is given, the first batches
-    are timed (wall clock, reading included) with all cores and with one fewer, and the faster
-    is kept. When the batch with all cores shows that this process got them (its CPU time is
-    at least :attr:`UNCONTENDED` of threads x wall time: nothing else competes), fewer threads
-    cannot be faster and that trial, a slower batch, is skipped. The setting is restored
-    afterwards.
+    Torch runs a batch on one thread per core by default, but its threads meet at a barrier
+    after each operation: while a reader thread holds a core, the encoder thread waiting for
+    that core stalls all the others (on 2 cores the encoder ran ~35 % slower beside the
+    readers). So on CPU several batches are encoded at once instead, by ``workers`` threads of
+    ``per_worker`` torch threads each: one per core, up to :attr:`MAX_WORKERS` (each holds a
+    batch's activations), the cores shared out between them. Independent threads do not wait
+    for one another, and the operating system fits the readers in between. On CUDA one
+    thread feeds the device. Torch's thread setting is restored afterwards.
     """
 
-    TRIAL_BATCHES = 1
-    UNCONTENDED = 0.8
+    MAX_WORKERS = 4
 
-    def __init__(self, device, fixed: int | None) -> None:
+    def __init__(self, device, total: int | None) -> None:
         import torch
 
         self._torch = torch
         self.before = torch.get_num_threads()
-        self.trials: dict[int, float] = {}
-        self._plan: list[int] = []
-        self._stats: dict[int, list[float]] = {}
-        self._skip = 1  # the first batch warms up caches and allocators
-        if device.type != "cpu":
-            self.chosen = self.before
-        elif fixed:
-            self.chosen = max(1, int(fixed))
-        elif self.before > 1:
-            self._plan = [self.before] * self.TRIAL_BATCHES + [self.before - 1] * self.TRIAL_BATCHES
-            self.chosen = self.before
+        total = max(1, int(total or self.before))
+        if device.type == "cpu":
+            self.workers = min(total, self.MAX_WORKERS)
+            self.per_worker = max(1, total // self.workers)
         else:
-            self.chosen = self.before
-        torch.set_num_threads(self.chosen)
+            self.workers, self.per_worker = 1, self.before
+        torch.set_num_threads(self.per_worker)
 
-    def batch_done(self, cells: int, seconds: float, cpu_seconds: float | None = None) -> None:
-        """Record a batch's wall (and process CPU) time; switch threads while trying, then keep
-        the faster."""
-        if not self._plan:
-            return
-        if self._skip:
-            self._skip -= 1
-            return
-        current = self._plan.pop(0)
-        stat = self._stats.setdefault(current, [0.0, 0.0, 0.0])
-        stat[0] += cells
-        stat[1] += seconds
-        stat[2] += cpu_seconds if cpu_seconds is not None else 0.0
-        if current == self.before and self._plan and self._plan[0] != current and cpu_seconds is not None \
-                and stat[2] >= self.UNCONTENDED * current * stat[1]:
-            self._plan = []  # the cores were ours: no trial with fewer threads
-        if self._plan:
-            nxt = self._plan[0]
-        else:
-            self.trials = {k: c / max(t, 1e-9) for k, (c, t, _) in self._stats.items()}
-            nxt = max(self.trials, key=self.trials.get)
-            self.chosen = nxt
-        if nxt != self._torch.get_num_threads():
-            self._torch.set_num_threads(nxt)
+    def enter_worker(self) -> None:
+        """Run in each encoder thread first: its own torch (OpenMP) thread count."""
+        self._torch.set_num_threads(self.per_worker)
+
+    def describe(self) -> str:
+        if self.workers == 1:
+            return f"1 thread ({self.per_worker} torch thread(s))"
+        return f"{self.workers} threads of {self.per_worker} torch thread(s) each"
 
     def restore(self) -> None:
         self._torch.set_num_threads(self.before)

@@ -17,7 +17,7 @@ from .conftest import smooth_noise, write_raster
 
 
 def test_memory_stays_flat_over_many_batches_and_reader_reopens(tmp_path):
-    """Readers reopen the raster after every batch here (as they do every few MB in a search);
+    """Readers reopen the raster after every grid row here (as they do every few MB in a search);
     the memory held after the last batch is no more than after the first few."""
     grey = np.maximum(smooth_noise((1000, 2000), seed=11), 1)
     grey[:100, :300] = 0  # some nodata, so validity masks are made too
@@ -66,3 +66,35 @@ def test_cache_entries_are_appended_batch_by_batch_in_cell_order(tmp_path):
     other.discard()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
         f"{'k' * 32}{suffix}" for suffix in (".emb.npy", ".valid.npy", ".json"))
+
+
+def test_readers_reopen_when_their_strips_leave_the_blocks_they_cached(tmp_path, monkeypatch):
+    """Past ``reopen_bytes``, a reader reopens (dropping GDAL's cached blocks) when its next strip
+    starts below every row of blocks it read, not before: the strip after would read them
+    again. The batches are those read without reopening."""
+    import rasterio
+
+    from siamese_analog_plugin.core.imagery import GreyReader
+
+    path = str(tmp_path / "tiled.tif")
+    grey = np.maximum(smooth_noise((512, 512), seed=3), 1)
+    with rasterio.open(path, "w", driver="GTiff", width=512, height=512, count=1, dtype="uint8", crs="EPSG:32618",
+                       transform=Affine(10, 0, 600000, 0, -10, 2700000), tiled=True, blockxsize=64,
+                       blockysize=64) as dst:
+        dst.write(grey, 1)
+    _, grid = plan_grid(SearchParams(path, None, cell_size_m=320))  # 16 x 16 cells of 32 px: 2 strips a block row
+    reopened = []
+    reopen = GreyReader.reopen
+
+    def counted(self):
+        reopened.append(1)
+        reopen(self)
+
+    monkeypatch.setattr(GreyReader, "reopen", counted)
+    tight = list(iter_patch_batches(path, grid, 32, 16, threads=1, reopen_bytes=1))
+    assert len(reopened) == 7  # before strips 2, 4, ..., 14: each a new row of 64 px blocks
+    reopened.clear()
+    loose = list(iter_patch_batches(path, grid, 32, 16, threads=1, reopen_bytes=float("inf")))
+    assert not reopened and len(tight) == len(loose) == 16
+    for (i1, p1, v1), (i2, p2, v2) in zip(tight, loose):
+        assert np.array_equal(i1, i2) and np.array_equal(p1, p2) and np.array_equal(v1, v2)
