@@ -46,6 +46,7 @@ FORMAT = "siamese-analog-finder/model"
 FORMAT_VERSION = 1
 ARCHITECTURES = ("paper", "compact")
 DEFAULT_MODEL_NAME = "siamese_compact.pt"
+CPU_CHUNK = 32  # patches a CPU forward pass takes at once (AnalogEncoder.embed_tensor)
 # Defaults of the compact network (trained model files record their own values).
 COMPACT_DEFAULTS = {"widths": (16, 32, 64, 128), "l2_normalise": True, "stem_stride": 2, "stem_kernel": 5,
                     "pooling": "center"}
@@ -309,15 +310,26 @@ class AnalogEncoder:
         return torch.from_numpy(np.ascontiguousarray(x[:, None]))
 
     def embed_tensor(self, x):
-        """Embed an already normalised ``(N, 1, S, S)`` tensor; returns ``(N, D)`` float32 numpy."""
+        """Embed an already normalised ``(N, 1, S, S)`` tensor; returns ``(N, D)`` float32 numpy.
+
+        On CPU the network takes :data:`CPU_CHUNK` patches at a time: as fast as whole batches
+        (faster, at times: the activations stay in cache), and each pass's activations are a
+        fraction as large. With batches of 128 the freed activations of several threads left
+        ~250 MB in the C allocator's arenas on a long search; in chunks of 32, ~100 MB.
+        """
         torch = _torch()
         with torch.inference_mode():
+            net = self.inference_network
+            if self.device.type == "cpu" and len(x) > CPU_CHUNK:
+                out = np.empty((len(x), self.embedding_dim), dtype=np.float32)
+                for a in range(0, len(x), CPU_CHUNK):
+                    out[a:a + CPU_CHUNK] = net(x[a:a + CPU_CHUNK]).float().numpy()
+                return out
             if self.device.type == "cuda":
                 x = x.pin_memory().to(self.device, non_blocking=True)
             else:
                 x = x.to(self.device)
-            z = self.inference_network(x)
-            return z.float().cpu().numpy()
+            return net(x).float().cpu().numpy()
 
     def embed(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Embed grey patches in [0, 1], ``(N, S, S)``, batch by batch. Returns ``(N, D)`` float32."""

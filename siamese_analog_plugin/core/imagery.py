@@ -177,10 +177,13 @@ class GreyReader:
         valid = None
         if self.has_mask:
             if self._nodata is not None and _not_resampled(window, out_shape):
-                valid = np.not_equal(data[0], self._nodata[0],
-                                     out=scratch.get("valid", out_shape, np.bool_) if scratch is not None else None)
-                for k in range(1, len(self.bands)):
-                    valid &= data[k] != self._nodata[k]
+                # Only bands that may hold their nodata value are compared with it.
+                bands = [k for k in range(len(self.bands)) if _may_hold(data[k], self._nodata[k])]
+                if bands:
+                    valid = np.not_equal(data[bands[0]], self._nodata[bands[0]],
+                                         out=scratch.get("valid", out_shape, np.bool_) if scratch is not None else None)
+                    for k in bands[1:]:
+                        valid &= data[k] != self._nodata[k]
             else:
                 masks = self.ds.read_masks(self.bands, window=window, out_shape=shape,
                                            resampling=_resampling().nearest)
@@ -192,14 +195,16 @@ class GreyReader:
 
         A clip that cannot change a value is skipped (the result is the same to the bit): on
         unsigned pixels with ``lo <= 0`` nothing is below 0, and on one band of integers with
-        ``hi`` at least the type's maximum nothing is above 1.
+        ``hi`` at least the type's maximum nothing is above 1; otherwise when no value is out.
         """
         if self.lo != 0:
             grey -= self.lo
         grey /= self.hi - self.lo
-        if not self._never_below:
-            np.maximum(grey, 0.0, out=grey)  # = np.clip(grey, 0, 1), which is several times slower
-        if not self._never_above:
+        # = np.clip(grey, 0, 1), which is several times slower; and numpy's maximum/minimum
+        # are several times slower than the min/max reductions that show they change nothing.
+        if not self._never_below and grey.min() < 0:
+            np.maximum(grey, 0.0, out=grey)
+        if not self._never_above and grey.max() > 1:
             np.minimum(grey, 1.0, out=grey)
         return grey
 
@@ -362,6 +367,18 @@ def _luminance(data, out: np.ndarray | None = None, part: np.ndarray | None = No
         part *= LUMINANCE[k]
         grey += part
     return grey
+
+
+def _may_hold(band: np.ndarray, value: int) -> bool:
+    """Whether integer pixels ``band`` may hold ``value``: ``False`` when it is the type's lowest
+    (highest) value and none is that low (high), found with one reduction, several times
+    cheaper than comparing every pixel (nodata is most often 0 and absent from most reads)."""
+    info = np.iinfo(band.dtype)
+    if value <= info.min:
+        return bool(band.min() <= value)
+    if value >= info.max:
+        return bool(band.max() >= value)
+    return True
 
 
 def _strided_windows(strip: np.ndarray, size: int, step: int) -> np.ndarray:

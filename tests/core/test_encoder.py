@@ -11,6 +11,7 @@ import torch
 
 from siamese_analog_plugin.core.devices import resolve_device
 from siamese_analog_plugin.core.encoder import (
+    CPU_CHUNK,
     AnalogEncoder,
     ModelMetadata,
     build_network,
@@ -214,6 +215,21 @@ class TestInferenceNetwork:
         folded = [m for m in enc.inference_network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         kept = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert len(kept) >= 2 and len(folded) == (len(kept) if arch == "paper" else 0)  # paper: conv-ReLU-BN
+
+    @pytest.mark.parametrize("n", [CPU_CHUNK, CPU_CHUNK + 1, 3 * CPU_CHUNK + 5])
+    def test_cpu_batches_are_embedded_in_chunks_with_the_same_result(self, n):
+        """A batch larger than CPU_CHUNK goes through in chunks: every row is its own embedding."""
+        torch.manual_seed(1)
+        net = with_batch_norm_statistics(build_network("compact", 64, embedding_dim=8, widths=(4, 8)))
+        enc = AnalogEncoder(net, ModelMetadata("compact", 64, 8, {"widths": [4, 8]}), torch.device("cpu"))
+        x = enc.to_tensor(np.random.default_rng(3).random((n, 64, 64)).astype(np.float32))
+        got = enc.embed_tensor(x)
+        assert got.shape == (n, 8) and got.dtype == np.float32
+        with torch.inference_mode():
+            expected = net(x).numpy()
+        assert np.allclose(got, expected, atol=1e-5, rtol=1e-5)
+        alone = np.concatenate([enc.embed_tensor(x[i:i + 1]) for i in range(n)])
+        assert np.allclose(got, alone, atol=1e-5, rtol=1e-5)
 
     def test_the_network_itself_is_left_as_it_is(self):
         net = with_batch_norm_statistics(build_network("compact", 64, embedding_dim=8, widths=(4, 8)))

@@ -80,3 +80,29 @@ def test_row_of_cells_equals_each_cell_read_alone(tmp_path, bands, nodata, at):
         assert valid[0] == pytest.approx((60 - 40) / 60)
         # The cell's nodata holds the mean of its own valid pixels, not a fixed grey.
         assert np.allclose(out[0][:, :40], out[0][:, 40:].mean(), atol=1e-5)
+
+
+def test_bands_without_their_nodata_value_are_not_compared(tmp_path):
+    """Nodata 0 absent from a read: no pixel compared, all valid; one such pixel: it alone invalid."""
+    data = np.full((3, 40, 60), 9, np.uint8)
+    data[2, 30, 50] = 0  # one nodata pixel in the blue band
+    path = write_raster(tmp_path / "r.tif", data, UTM, Affine(10, 0, 0, 0, -10, 400), nodata=0)
+    with GreyReader(path) as reader:
+        _, ok = reader._read_pixels(Window(0, 0, 40, 30), (30, 40))
+        assert ok is None
+        _, ok = reader._read_pixels(Window(20, 10, 40, 30), (30, 40))
+        assert np.array_equal(ok, gdal_validity(path, reader.bands, Window(20, 10, 40, 30)))
+        assert (~ok).sum() == 1 and not ok[20, 30]
+
+
+@pytest.mark.parametrize("values", [(0.2, 0.9), (-3.0, 0.5), (0.1, 7.0), (-1.0, 9.0)])
+def test_stretch_equals_numpy_clip_whether_or_not_values_leave_the_range(tmp_path, values):
+    """The stretch skips a clip only when no value leaves [0, 1]: the result is np.clip's to the bit."""
+    rng = np.random.default_rng(3)
+    data = rng.uniform(0, 1, (50, 50)).astype(np.float32)
+    path = write_raster(tmp_path / "f.tif", data, UTM, Affine(10, 0, 0, 0, -10, 500))
+    with GreyReader(path, stretch=(0.0, 1.0)) as reader:
+        assert not reader._never_below and not reader._never_above  # float pixels: clips are checked
+        grey = rng.uniform(*values, (4, 30, 30)).astype(np.float32)
+        expected = np.clip(grey, 0, 1)
+        assert np.array_equal(reader._stretch_in_place(grey), expected)
