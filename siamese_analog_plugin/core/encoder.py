@@ -17,6 +17,7 @@ size, normalisation, embedding size and training provenance.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -144,11 +145,10 @@ def build_network(architecture: str, input_size: int = 100, **params: Any):
             def features(self, x):
                 """The pooled statistics the head reads (what step-2 adaptation keeps frozen)."""
                 f = self.trunk(x)
-                stats = [f.mean(dim=(2, 3)), f.std(dim=(2, 3))]
+                stats = list(_mean_std(f))
                 if n_stats == 4:
                     h, w = f.shape[-2:]
-                    c = f[:, :, h // 4:h - h // 4, w // 4:w - w // 4]
-                    stats += [c.mean(dim=(2, 3)), c.std(dim=(2, 3))]
+                    stats += _mean_std(f[:, :, h // 4:h - h // 4, w // 4:w - w // 4])
                 return torch.cat(stats, dim=1)
 
             def forward(self, x):
@@ -161,6 +161,45 @@ def build_network(architecture: str, input_size: int = 100, **params: Any):
                      f"Use one of: {', '.join(ARCHITECTURES)}")
 
 
+def _mean_std(f):
+    """Per-channel mean and (unbiased) standard deviation of ``(N, C, H, W)`` features, as
+    ``f.mean``/``f.std`` over ``(2, 3)`` give them (to ~1e-7), in two passes: torch's one-pass
+    (Welford) reduction over a few spatial positions per channel cost ~15 times more, a fifth
+    of the shipped encoder's time on CPU."""
+    mean = f.mean(dim=(2, 3))
+    d = f - mean[:, :, None, None]
+    return mean, (d * d).sum(dim=(2, 3)).div(f.shape[2] * f.shape[3] - 1).sqrt()
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _is_plain_pool_2x2(module) -> bool:
+    """Whether ``module`` is ``MaxPool2d(2)``: 2 x 2 windows, stride 2, no padding, floor mode."""
+    nn = _torch().nn
+    pair = _pair
+    return isinstance(module, nn.MaxPool2d) and pair(module.kernel_size) == (2, 2) and \
+        pair(module.stride) == (2, 2) and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and \
+        not module.ceil_mode and not module.return_indices
+
+
+@functools.cache
+def _max_pool_2x2_class():
+    torch = _torch()
+
+    class MaxPool2x2(torch.nn.Module):
+        """``MaxPool2d(2)`` for inference as the larger of four strided views: the same values,
+        2-3 times faster on CPU than torch's kernel, which also computes the argmax."""
+
+        def forward(self, x):
+            h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+            top = torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2])
+            return torch.maximum(top, torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]), out=top)
+
+    return MaxPool2x2
+
+
 def optimise_for_inference(network, device):
     """An eval-mode copy of ``network`` for inference only (``network`` is left as it is).
 
@@ -168,7 +207,8 @@ def optimise_for_inference(network, device):
     convolution (``fuse_conv_bn_eval``: the normalisation's scale and shift folded into the
     weights and bias), and on CPU and CUDA the module is made channels-last. The compact
     encoder's trunk is conv -> BN -> ReLU, so every batch norm is folded; the paper encoder's
-    (conv -> ReLU -> BN) has none to fold.
+    (conv -> ReLU -> BN) has none to fold. On CPU each 2 x 2 max pooling becomes the maximum
+    of four strided views (the same values, 2-3 times faster).
     """
     import copy
 
@@ -186,6 +226,10 @@ def optimise_for_inference(network, device):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
                 module._modules[a] = fuse_conv_bn_eval(conv, bn)
                 module._modules[b] = nn.Identity()
+        if torch.device(device).type == "cpu":
+            for name, pool in module._modules.items():
+                if _is_plain_pool_2x2(pool):
+                    module._modules[name] = _max_pool_2x2_class()()
     if torch.device(device).type in ("cpu", "cuda"):
         net = net.to(memory_format=torch.channels_last)
     for p in net.parameters():

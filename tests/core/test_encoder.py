@@ -231,6 +231,22 @@ class TestInferenceNetwork:
         alone = np.concatenate([enc.embed_tensor(x[i:i + 1]) for i in range(n)])
         assert np.allclose(got, alone, atol=1e-5, rtol=1e-5)
 
+    @pytest.mark.parametrize("shape", [(3, 4, 50, 50), (2, 5, 25, 25), (1, 2, 7, 12)])
+    def test_fast_pooling_and_statistics_give_torchs_values(self, shape):
+        """The inference copy's 2 x 2 max pooling is torch's to the bit (odd sizes too), and the
+        pooled mean and standard deviation are torch's to ~1e-6."""
+        from siamese_analog_plugin.core.encoder import _max_pool_2x2_class, _mean_std
+
+        x = torch.relu(torch.randn(*shape)).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(_max_pool_2x2_class()()(x), torch.nn.functional.max_pool2d(x, 2))
+        mean, std = _mean_std(x)
+        assert torch.allclose(mean, x.mean(dim=(2, 3)), atol=1e-6)
+        assert torch.allclose(std, x.std(dim=(2, 3)), atol=1e-6)
+        net = build_network("compact", 64, embedding_dim=8, widths=(4, 8))
+        enc = AnalogEncoder(net, ModelMetadata("compact", 64, 8, {"widths": [4, 8]}), torch.device("cpu"))
+        kinds = [type(m).__name__ for m in enc.inference_network.modules()]
+        assert "MaxPool2x2" in kinds and "MaxPool2d" not in kinds
+
     def test_the_network_itself_is_left_as_it_is(self):
         net = with_batch_norm_statistics(build_network("compact", 64, embedding_dim=8, widths=(4, 8)))
         before = {k: v.clone() for k, v in net.state_dict().items()}
