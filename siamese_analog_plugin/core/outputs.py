@@ -253,6 +253,10 @@ class CellLayerWriter:
         late_columns: allow :meth:`finish` to set columns (e.g. rank, once every cell is scored).
     """
 
+    # GDAL makes the (empty) R-tree and its triggers with the layer; one that makes them later
+    # (or never) gets its index from CreateSpatialIndex in finish().
+    LAYER_OPTIONS = ["FID=fid", "SPATIAL_INDEX=YES"]
+
     def __init__(self, path: str, grid, fields: list[tuple[str, str]] | None = None,
                  layer_name: str = CELLS_LAYER, late_columns: bool = False) -> None:
         ogr, osr = _ogr()
@@ -271,7 +275,7 @@ class CellLayerWriter:
         self._extent = [np.inf, np.inf, -np.inf, -np.inf]
         try:
             ds = ogr.GetDriverByName("GPKG").CreateDataSource(path)
-            layer = ds.CreateLayer(layer_name, self._srs, ogr.wkbPolygon, options=["FID=fid", "SPATIAL_INDEX=YES"])
+            layer = ds.CreateLayer(layer_name, self._srs, ogr.wkbPolygon, options=self.LAYER_OPTIONS)
             for name, kind in self._fields:
                 layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
             layer = ds = None  # written and closed: the rows go in through SQLite

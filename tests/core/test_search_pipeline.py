@@ -222,10 +222,14 @@ def _sqlite_dump(path):
     return out
 
 
-def test_sql_cell_writer_writes_the_file_ogr_writes(tmp_path):
+@pytest.mark.parametrize("index_with_layer", [True, False])
+def test_sql_cell_writer_writes_the_file_ogr_writes(tmp_path, monkeypatch, index_with_layer):
     """Cells inserted with SQLite (geometry blobs built with NumPy) give the file OGR gives when
     it writes them a feature at a time: the same rows and geometry bytes, extent, feature count,
-    spatial index and schema; NaN and None are NULL."""
+    spatial index and schema; NaN and None are NULL. Also when GDAL makes no R-tree with the
+    layer (the index is then made at the end)."""
+    if not index_with_layer:
+        monkeypatch.setattr(outputs.CellLayerWriter, "LAYER_OPTIONS", ["FID=fid", "SPATIAL_INDEX=NO"])
     info, grid = plan_grid(SearchParams(str(SAMPLE_RASTER), None, cell_size_m=20000))
     n = len(grid)
     d = np.linspace(0, 1, n, dtype=np.float32)
