@@ -630,18 +630,20 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
     block = params.block_reads and plan_reads(info, grid, size).block
     extra["read_mode"] = "block" if block else "cell"
     stop = threading.Event()
-    plan = _EncoderThreads(encoder.device, params.torch_threads)
-    extra["encoder_threads"] = plan.workers
-    extra["torch_threads"] = plan.per_worker
-    feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; encoding with {plan.describe()}; "
-                 f"precision {extra['precision']}")
+    encoders = _EncoderThreads(encoder.device, params.torch_threads)
+    extra["encoder_threads"] = encoders.workers
+    extra["torch_threads"] = encoders.per_worker
+    feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; encoding with "
+                 f"{encoders.describe()}; precision {extra['precision']}")
     encode_s = waited = 0.0
     done = 0
     _ = encoder.inference_network  # built here, once, not by the encoder threads at once
-    pool = ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="analog-encoder",
-                              initializer=plan.enter_worker)
+    pool = ThreadPoolExecutor(max_workers=encoders.workers, thread_name_prefix="analog-encoder",
+                              initializer=encoders.enter_worker)
+    # The batches being encoded are held (their patches are the encoder's input) until stored.
     batches = iter_patch_batches(params.raster, grid, size, params.batch_size, params.band, stop=stop,
-                                 threads=threads, block_reads=block, prepare=prepare, reuse=True, held=plan.workers)
+                                 threads=threads, block_reads=block, prepare=prepare, reuse=True,
+                                 held=encoders.workers)
     pending: collections.deque = collections.deque()
 
     def store(idx, valid, ok, job) -> None:
@@ -667,7 +669,7 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
             waited += time.perf_counter() - ready  # waiting for the readers
             check_cancelled(feedback)
             pending.append((idx, valid, ok, pool.submit(encode, x) if x is not None else None))
-            while len(pending) >= plan.workers:  # its buffer is read into again after the next batch
+            while len(pending) >= encoders.workers:  # fewer than ``held`` before the next is asked for
                 store(*pending.popleft())
             ready = time.perf_counter()
         while pending:
@@ -676,7 +678,7 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
         stop.set()
         batches.close()
         pool.shutdown(wait=True, cancel_futures=True)
-        plan.restore()
+        encoders.restore()
     extra["encode_seconds"] = round(encode_s, 3)
     extra["wait_seconds"] = round(waited, 3)
     return encode_s
