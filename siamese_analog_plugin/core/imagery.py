@@ -238,6 +238,87 @@ class GreyReader:
             fill_invalid(out[j], masks[j])
         return valid
 
+    def read_row_resampled(self, col_off: float, row_off: float, cell_w: float, cell_h: float, step: float,
+                           count: int, size: int, at, out: np.ndarray) -> np.ndarray:
+        """Read cells of one grid row that must be shrunk to ``size`` x ``size`` into ``out``.
+
+        The cells are the ``cell_w`` x ``cell_h`` px windows (fractional, ``cell_w`` and
+        ``cell_h`` at least ``size``) at ``col_off + k * step``, ``row_off`` for ``k`` below
+        ``count``; ``at`` picks which. The strip under them is read once at full resolution
+        and made grey, then averaged down with exact area weights (a box filter, nodata pixels
+        left out of it: GDAL's ``average``), rows first for the whole strip, then across each
+        cell, each output pixel a weighted sum of the few pixels its box touches. A cell's
+        validity is sampled from the pixels read at the output pixels' centres (GDAL's
+        nearest-neighbour mask). :meth:`read_window` has GDAL average each band and round it
+        to the band's type: for 150 px cells the values agree to that rounding (half a grey
+        level); GDAL's average is no exact box at factors near 1 (100.3 px cells: up to 20
+        levels apart). Several times faster: GDAL's resampling cost ~0.3 ms a 150 px RGB cell,
+        and its mask another read.
+
+        Returns:
+            the cells' valid fractions, ``(n,)`` float32.
+        """
+        from rasterio.windows import Window
+
+        scratch = self._scratch
+        W, H = self.ds.width, self.ds.height
+        c_a, r_a = int(np.floor(col_off)), int(np.floor(row_off))
+        c_b = min(W, int(np.ceil(col_off + (count - 1) * step + cell_w)))
+        r_b = min(H, int(np.ceil(row_off + cell_h)))
+        h, w = r_b - r_a, c_b - c_a
+        data, ok = self._read_pixels(Window(c_a, r_a, w, h), (h, w), _resampling().average, scratch)
+        grey = _luminance(data, scratch.get("native", (h, w), np.float32),
+                          scratch.get("native_part", (h, w), np.float32) if len(data) > 1 else None)
+        if ok is not None and ok.all():
+            ok = None
+        picks = np.arange(count)[at]
+        m = len(picks)
+        # Taps across: output column j of cell k takes source columns ix[k * size + j, :].
+        parts, centres = [], []
+        taps: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # cells at the same fraction of a pixel share them
+        for k in picks:
+            x = col_off + float(k) * step - c_a
+            base = int(np.floor(x))
+            frac = round(x - base, 9)
+            if frac not in taps:
+                taps[frac] = _box_taps(frac, cell_w, size)
+            idx, wts = taps[frac]
+            parts.append((np.minimum(base + idx, w - 1), wts))
+            centres.append(np.minimum(base + _centres(frac, cell_w, size), w - 1))
+        ix = np.concatenate([p[0] for p in parts])
+        wx = np.concatenate([p[1] for p in parts])
+        y = row_off - r_a
+        iy, wy = _box_taps(y, cell_h, size)
+        iy = np.minimum(iy, h - 1)
+        valid = np.ones(m, dtype=np.float32)
+
+        def shrink(pixels: np.ndarray) -> np.ndarray:
+            """(m, size, size) views: down every column of the strip, then across each cell."""
+            down = _apply_taps(pixels, iy, wy, scratch.get("down", (size, w), np.float32),
+                               scratch.get("down_part", (size, w), np.float32))
+            columns = scratch.get("columns", (w, size), np.float32)
+            columns[:] = down.T
+            # row k * size + j: column j of cell k
+            across = _apply_taps(columns, ix, wx, scratch.get("across", (m * size, size), np.float32),
+                                 scratch.get("across_part", (m * size, size), np.float32))
+            return across.reshape(m, size, size).transpose(0, 2, 1)
+
+        if ok is None:
+            out[:m] = shrink(grey)
+        else:
+            grey *= ok  # nodata pixels weigh nothing; their share of each box is divided out
+            out[:m] = shrink(grey)
+            np.divide(out[:m], np.maximum(shrink(ok.astype(np.float32)), 1e-12), out=out[:m])
+            cy = np.minimum(_centres(y, cell_h, size), h - 1)
+        for j in range(m):
+            self._stretch_in_place(out[j])
+            if ok is not None:
+                mask = ok[np.ix_(cy, centres[j])]
+                valid[j] = mask.mean()
+                if valid[j] < 1:
+                    fill_invalid(out[j], mask)
+        return valid
+
     def _to_unit(self, grey: np.ndarray, ok: np.ndarray | None) -> np.ndarray:
         """Stretch grey to [0, 1] in place and fill invalid pixels (:func:`fill_invalid`)."""
         self._stretch_in_place(grey)
@@ -367,6 +448,38 @@ def _luminance(data, out: np.ndarray | None = None, part: np.ndarray | None = No
         part *= LUMINANCE[k]
         grey += part
     return grey
+
+
+def _box_taps(offset: float, width: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact area weights of averaging the span ``[offset, offset + width)`` of pixels down to
+    ``size`` pixels, as taps: ``(index, weight)``, each ``(size, K)``; output pixel ``j`` is
+    the sum of ``weight[j, t] * pixel[index[j, t]]`` (its weights sum to 1; unused taps weigh 0)."""
+    scale = width / size
+    lo = offset + np.arange(size) * scale
+    first = np.floor(lo).astype(np.int64)
+    index = first[:, None] + np.arange(int(np.ceil(scale)) + 1)[None, :]
+    cover = np.minimum(lo[:, None] + scale, index + 1.0) - np.maximum(lo[:, None], index.astype(np.float64))
+    weight = np.clip(cover, 0.0, None)
+    weight /= weight.sum(axis=1, keepdims=True)
+    return index, weight.astype(np.float32)
+
+
+def _apply_taps(rows: np.ndarray, index: np.ndarray, weight: np.ndarray, out: np.ndarray,
+                part: np.ndarray) -> np.ndarray:
+    """``out[j] = sum_t weight[j, t] * rows[index[j, t]]``, rows gathered whole (contiguous),
+    in the buffers ``out`` and ``part`` (``(len(index), rows.shape[1])`` float32)."""
+    np.take(rows, index[:, 0], axis=0, out=out)
+    out *= weight[:, 0, None]
+    for t in range(1, index.shape[1]):
+        np.take(rows, index[:, t], axis=0, out=part)
+        part *= weight[:, t, None]
+        out += part
+    return out
+
+
+def _centres(offset: float, width: float, size: int) -> np.ndarray:
+    """Source pixel under each output pixel's centre (a nearest-neighbour read's pick)."""
+    return np.floor(offset + (np.arange(size) + 0.5) * (width / size)).astype(np.int64)
 
 
 def _may_hold(band: np.ndarray, value: int) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import math
 import os
 import queue
 import threading
@@ -98,8 +99,10 @@ class SearchParams:
             [0, 2]); ignored on CPU.
         torch_threads: CPU threads of the encoder (``None``: torch's, one per core); on CPU they
             encode several batches at once (see :class:`_EncoderThreads`).
-        block_reads: read cells that tile the raster a grid row at a time when they can be
-            (same values; ``False`` reads every cell on its own).
+        block_reads: read a grid row's cells at once when they can be (:class:`ReadPlan`):
+            cells of exactly the patch size as slices of one read (the same values), larger
+            cells averaged down from one full-resolution read (GDAL's ``average``, to its
+            rounding); ``False`` has GDAL read and resample every cell on its own.
     """
 
     raster: str
@@ -225,8 +228,15 @@ class ReadPlan:
     ``block``: every cell is an axis-aligned, whole-pixel window of exactly ``size`` x ``size``
     raster pixels (no resampling), at whole-pixel steps, inside the raster; then the cells of
     one grid row in a batch are read with one windowed read and sliced (identical values,
-    one GDAL call instead of one per cell). Otherwise each cell is read (and resampled) on
-    its own.
+    one GDAL call instead of one per cell).
+
+    ``rows``: the cells are axis-aligned windows of at least ``size`` x ``size`` pixels (any
+    fraction), inside the raster: the cells of a grid row in a batch are read as one strip at
+    full resolution and averaged down (:meth:`GreyReader.read_row_resampled`; the values of
+    reading each cell, to GDAL's rounding of its averages).
+
+    Otherwise (cells smaller than ``size`` pixels, which are interpolated, a rotated raster,
+    cells that leave it) each cell is read and resampled by GDAL on its own.
     """
 
     block: bool
@@ -234,6 +244,31 @@ class ReadPlan:
     row0: int = 0
     step_px: int = 0
     step_py: int = 0
+    rows: bool = False
+    x0: float = 0.0  # the rows plan: cell (0, 0)'s top-left, cell size and steps, in pixels
+    y0: float = 0.0
+    cell_px: float = 0.0
+    cell_py: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+
+    @property
+    def mode(self) -> str:
+        return "block" if self.block else "rows" if self.rows else "cell"
+
+    def raster_rows(self, grid_row: int) -> tuple[int, int] | None:
+        """The raster rows ``[first, end)`` a strip of grid row ``grid_row`` reads (``None``
+        when cells are read one by one)."""
+        if self.block:
+            first = self.row0 + grid_row * self.step_py
+            return first, first + int(self.cell_py)
+        if self.rows:
+            top = self.y0 + grid_row * self.sy
+            return int(math.floor(top)), int(math.ceil(top + self.cell_py))
+        return None
+
+
+ROWS_READ_PIXELS = 1_000_000  # source pixels a resampled strip read holds at most (per band)
 
 
 def plan_reads(info: RasterInfo, grid: CellGrid, size: int, transform=None) -> ReadPlan:
@@ -251,16 +286,19 @@ def plan_reads(info: RasterInfo, grid: CellGrid, size: int, transform=None) -> R
         r = round(v)
         return int(r) if abs(v - r) < 1e-6 else None
 
-    col0, row0 = whole((grid.origin_x - c) / a), whole((f - grid.origin_y) / -e)
-    cw, ch = whole(grid.cell_w / a), whole(grid.cell_h / -e)
-    sx, sy = whole(grid.step_x / a), whole(grid.step_y / -e)
-    if None in (col0, row0, cw, ch, sx, sy) or cw != size or ch != size or sx < 1 or sy < 1:
-        return ReadPlan(False)
-    last_col = col0 + int(grid.cols.max()) * sx + cw
-    last_row = row0 + int(grid.rows.max()) * sy + ch
-    if col0 < 0 or row0 < 0 or last_col > info.width or last_row > info.height:
-        return ReadPlan(False)
-    return ReadPlan(True, col0, row0, sx, sy)
+    x0, y0 = (grid.origin_x - c) / a, (f - grid.origin_y) / -e
+    cell_px, cell_py, step_px, step_py = grid.cell_w / a, grid.cell_h / -e, grid.step_x / a, grid.step_y / -e
+    eps = 1e-6
+    if x0 < -eps or y0 < -eps or x0 + int(grid.cols.max()) * step_px + cell_px > info.width + eps or \
+            y0 + int(grid.rows.max()) * step_py + cell_py > info.height + eps:
+        return ReadPlan(False)  # cells leave the raster
+    col0, row0, cw, ch, sx, sy = (whole(v) for v in (x0, y0, cell_px, cell_py, step_px, step_py))
+    if None not in (col0, row0, cw, ch, sx, sy) and cw == size and ch == size and sx >= 1 and sy >= 1:
+        return ReadPlan(True, col0, row0, sx, sy, cell_px=float(size), cell_py=float(size))
+    if cell_px >= size - eps and cell_py >= size - eps and step_px > 0 and step_py > 0:
+        return ReadPlan(False, rows=True, x0=max(x0, 0.0), y0=max(y0, 0.0), cell_px=cell_px, cell_py=cell_py,
+                        sx=step_px, sy=step_py)
+    return ReadPlan(False)
 
 
 def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
@@ -272,6 +310,8 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
     """
     patches = out[:idx.size] if out is not None else np.empty((idx.size, size, size), dtype=np.float32)
     valid = np.empty(idx.size, dtype=np.float32)
+    if plan.rows:
+        return patches, _read_rows_resampled(reader, grid, idx, size, plan, patches, valid)
     if not plan.block:
         for j, b in enumerate(grid.bounds_array(idx)):
             patches[j], valid[j] = reader.read_bounds(tuple(b), size)
@@ -291,6 +331,24 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
                                            (c_hi - c_lo) * plan.step_px + size, size, plan.step_px, at,
                                            patches[a:b])
     return patches, valid
+
+
+def _read_rows_resampled(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int, plan: ReadPlan,
+                         patches: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """:func:`read_cells` for a ``rows`` plan: each grid row of the batch in strips of at most
+    :data:`ROWS_READ_PIXELS` source pixels, averaged down cell by cell."""
+    rows, cols = grid.rows[idx], grid.cols[idx]
+    per_strip = max(1, int(ROWS_READ_PIXELS / (plan.cell_py * max(plan.sx, 1.0))))
+    bounds = np.flatnonzero(np.diff(rows)) + 1
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
+        for s in range(a, b, per_strip):
+            e = min(b, s + per_strip)
+            c = cols[s:e]
+            c_lo = int(c[0])
+            valid[s:e] = reader.read_row_resampled(plan.x0 + c_lo * plan.sx, plan.y0 + int(rows[s]) * plan.sy,
+                                                   plan.cell_px, plan.cell_py, plan.sx, int(c[-1]) - c_lo + 1, size,
+                                                   c - c_lo, patches[s:e])
+    return valid
 
 
 def default_reader_threads() -> int:
@@ -345,7 +403,8 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
     # Reopening every few strips read again the row of blocks the next strip shared.
     px_w, px_h = info.res
     cell_bytes = max(1.0, (grid.cell_w / px_w) * (grid.cell_h / px_h) * bands)
-    cap = max(reopen_bytes, 3.0 * block_h * info.width * bands * item) if plan.block else reopen_bytes
+    strips = plan.mode != "cell"
+    cap = max(reopen_bytes, 3.0 * block_h * info.width * bands * item) if strips else reopen_bytes
     local = threading.local()
     readers: list[GreyReader] = []
     lock = threading.Lock()
@@ -363,7 +422,7 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
             return None
         reader = getattr(local, "reader", None)
         idx = np.arange(start, min(start + batch_size, n))
-        first_row = plan.row0 + int(grid.rows[start]) * plan.step_py if plan.block else None
+        first_row = plan.raster_rows(int(grid.rows[start]))[0] if strips else None
         if reader is None:
             reader = local.reader = GreyReader(raster, band=band, stretch=stretch)
             local.read_bytes, local.end_row = 0.0, None
@@ -375,8 +434,8 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
             local.read_bytes = 0.0
         patches, valid = read_cells(reader, grid, idx, size, plan, out=buffer)
         local.read_bytes += idx.size * cell_bytes
-        if plan.block:
-            local.end_row = plan.row0 + int(grid.rows[idx[-1]]) * plan.step_py + size
+        if strips:
+            local.end_row = plan.raster_rows(int(grid.rows[idx[-1]]))[1]
         return prepare(idx, patches, valid) if prepare else (idx, patches, valid)
 
     starts = iter(range(0, n, batch_size))
@@ -627,8 +686,8 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
 
     threads = params.reader_threads or default_reader_threads()
     extra["reader_threads"] = threads
-    block = params.block_reads and plan_reads(info, grid, size).block
-    extra["read_mode"] = "block" if block else "cell"
+    block = params.block_reads and plan_reads(info, grid, size).mode != "cell"
+    extra["read_mode"] = plan_reads(info, grid, size).mode if block else "cell"
     stop = threading.Event()
     encoders = _EncoderThreads(encoder.device, params.torch_threads)
     extra["encoder_threads"] = encoders.workers

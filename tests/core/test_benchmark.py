@@ -21,7 +21,7 @@ def test_quick_bench_prints_the_figures_as_json_last(capsys, tmp_path):
     assert any(line.startswith("End to end") for line in lines[:-1])
     for key in ("e2e_cells_per_s", "model_cells_per_s", "speedup_vs_naive", "requery_s", "e2e_resampled_cells_per_s"):
         assert figures[key] > 0
-    assert figures["resampled_read_mode"] == "cell" and figures["resampled_cells"] > 0
+    assert figures["resampled_read_mode"] == "rows" and figures["resampled_cells"] > 0
     assert 0 < figures["ratio_to_model"] < 5
     assert figures["cells"] == 64 and figures["requery_cells"] == 256
     assert set(figures["peak_rss_mb"]) == {"64", "256"}

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from affine import Affine
 from osgeo import ogr, osr
@@ -32,6 +33,24 @@ def area_raster(tmp_path):
     grey[:120, :150] = 0
     rgb = np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.6).astype(np.uint8)])
     return write_raster(tmp_path / "area.tif", rgb, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000), nodata=0)
+
+
+def _box_average(grey, ok, col, row, width, height, size):
+    """The box (area) average of the window ``(col, row, width, height)`` of ``grey`` down to
+    ``size`` x ``size``, pixels where ``ok`` is false left out, by its definition; and which
+    output pixels' centres fall on a valid pixel."""
+    def weights(offset, span, n):
+        edges = np.arange(n, dtype=np.float64)
+        lo = offset + np.arange(size) * span / size
+        cover = np.minimum(lo[:, None] + span / size, edges + 1) - np.maximum(lo[:, None], edges)
+        return np.clip(cover, 0, None)
+
+    wy, wx = weights(row, height, grey.shape[0]), weights(col, width, grey.shape[1])
+    total = wy @ (grey * ok) @ wx.T
+    share = wy @ ok.astype(np.float64) @ wx.T
+    cy = np.floor(row + (np.arange(size) + 0.5) * height / size).astype(int)
+    cx = np.floor(col + (np.arange(size) + 0.5) * width / size).astype(int)
+    return total / np.maximum(share, 1e-12), ok[np.ix_(cy, cx)]
 
 
 class Log(Feedback):
@@ -60,9 +79,55 @@ class TestReads:
         assert np.array_equal(p1, p2) and np.array_equal(v1, v2)
         assert v1.min() == 0.0 and v1.max() == 1.0  # the nodata corner is seen by both
 
-    def test_cells_that_need_resampling_are_read_one_by_one(self, area_raster):
-        info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1230))
-        assert not plan_reads(info, grid, 100).block
+    @pytest.mark.parametrize("cell_m, stride_m", [(1500, None), (1234, None), (2000, 1300)])
+    def test_cells_to_shrink_are_averaged_down_from_rows_read_once(self, area_raster, cell_m, stride_m):
+        """Cells larger than the encoder's patch are read a grid row at a time at full resolution
+        and averaged down with exact area weights: each patch is the box average of its own
+        window (computed here from the pixels, in float64), nodata pixels left out; validity as
+        GDAL's nearest-neighbour mask gives it."""
+        info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=cell_m, stride_m=stride_m))
+        plan = plan_reads(info, grid, 100)
+        assert plan.mode == "rows"
+        _, patches, valid = batches(area_raster, grid, 100)
+        with rasterio.open(area_raster) as ds:
+            pixels = ds.read().astype(np.float64)
+            inverse = ~ds.transform
+        grey = 0.299 * pixels[0] + 0.587 * pixels[1] + 0.114 * pixels[2]
+        ok = (pixels != 0).all(axis=0)
+        checked = 0
+        for i in range(len(grid)):
+            x0, y1, x1, y0 = grid.bounds(i)[0], grid.bounds(i)[3], grid.bounds(i)[2], grid.bounds(i)[1]
+            c0, r0 = inverse * (x0, y1)
+            c1, r1 = inverse * (x1, y0)
+            expected, mask = _box_average(grey, ok, c0, r0, c1 - c0, r1 - r0, 100)
+            assert valid[i] == pytest.approx(mask.mean(), abs=1e-6)
+            if mask.any():  # pixels not filled with the cell's mean
+                assert np.allclose(patches[i][mask], np.clip(expected[mask] / 255.0, 0, 1), atol=2e-6)
+                checked += 1
+        assert checked == len(grid) and (valid < 1).any() and len(grid) >= 8
+
+    def test_averaged_down_cells_agree_with_gdal_reading_each_cell(self, tmp_path):
+        """GDAL averages each band and rounds it to a whole grey level before the grey mix:
+        at 1.5 px a patch pixel, the two agree to within that half a level, validity exactly
+        (nodata in every band at once, as in imagery; GDAL leaves each band's own out)."""
+        grey = np.maximum(smooth_noise((400, 600), seed=6), 2)
+        grey[:130, :170] = 0
+        rgb = np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.6).astype(np.uint8)])
+        raster = write_raster(tmp_path / "r.tif", rgb, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000), nodata=0)
+        info, grid = plan_grid(SearchParams(raster, None, cell_size_m=1500))
+        assert plan_reads(info, grid, 100).mode == "rows"
+        _, rows, v1 = batches(raster, grid, 100)
+        _, cells, v2 = batches(raster, grid, 100, block_reads=False)
+        assert np.array_equal(v1, v2) and (v1 < 1).any() and (v1 > 0).all()
+        full = v1 == 1
+        assert np.abs(rows[full] - cells[full]).max() <= 0.5 / 255 + 1e-6
+
+    @pytest.mark.parametrize("cell_m", [730, 1200.2])
+    def test_cells_to_enlarge_or_leaving_the_raster_are_read_one_by_one(self, area_raster, cell_m):
+        """Cells smaller than the patch are interpolated by GDAL, cell by cell; so are cells that
+        leave the raster (1200.2 m cells: five fit in the 6 km wide raster but for 1 m)."""
+        info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=cell_m))
+        assert plan_reads(info, grid, 100).mode == "cell"
         _, patches, valid = batches(area_raster, grid, 100)
         with GreyReader(area_raster) as reader:
             expected = reader.read_bounds(grid.bounds(len(grid) - 1), 100)
@@ -124,6 +189,22 @@ class TestRunSearch:
             assert np.array_equal(a.rank, other.rank)
         # Skipped cells (the nodata corner) are still skipped.
         assert np.isnan(a.dissimilarity).any() and (a.rank > 0).sum() == np.isfinite(a.dissimilarity).sum()
+
+    def test_cells_averaged_down_by_rows_score_as_when_gdal_reads_each(self, area_raster, tiny_model):
+        """The rows reads change pixels by under half a grey level: the scores barely move and
+        the ranking stays."""
+        params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1500, stride_m=700, model=tiny_model,
+                              device="cpu", batch_size=8)
+        rows = run_search(params)
+        params.block_reads = False
+        cells = run_search(params)
+        assert (rows.extra["read_mode"], cells.extra["read_mode"]) == ("rows", "cell")
+        ok = rows.scored
+        assert np.array_equal(ok, cells.scored) and ok.sum() > 20
+        gap = np.abs(rows.dissimilarity[ok] - cells.dissimilarity[ok])
+        spread = np.ptp(cells.dissimilarity[ok])
+        assert gap.max() < 0.05 * spread
+        assert np.corrcoef(rows.rank[ok], cells.rank[ok])[0, 1] > 0.98
 
     def test_matches_the_encoder_on_each_cell(self, area_raster, tiny_model):
         enc = load_model(tiny_model, "cpu")
