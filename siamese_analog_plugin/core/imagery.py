@@ -460,8 +460,15 @@ def _box_taps(offset: float, width: float, size: int) -> tuple[np.ndarray, np.nd
     index = first[:, None] + np.arange(int(np.ceil(scale)) + 1)[None, :]
     cover = np.minimum(lo[:, None] + scale, index + 1.0) - np.maximum(lo[:, None], index.astype(np.float64))
     weight = np.clip(cover, 0.0, None)
+    weight[weight < 1e-9 * scale] = 0.0  # a box that ends on a pixel's edge does not touch the next
     weight /= weight.sum(axis=1, keepdims=True)
-    return index, weight.astype(np.float32)
+    # Taps that weigh nothing for every output pixel (boxes of 1.5 px touch 2 pixels, not 3) go.
+    used = int((weight > 0).sum(axis=1).max())
+    start = np.argmax(weight > 0, axis=1)
+    wanted = start[:, None] + np.arange(used)[None, :]
+    take = np.minimum(wanted, index.shape[1] - 1)  # past the last tap: weight 0 (not the last again)
+    rows = np.arange(size)[:, None]
+    return index[rows, take], np.where(wanted == take, weight[rows, take], 0.0).astype(np.float32)
 
 
 def _apply_taps(rows: np.ndarray, index: np.ndarray, weight: np.ndarray, out: np.ndarray,

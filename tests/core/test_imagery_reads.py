@@ -106,3 +106,25 @@ def test_stretch_equals_numpy_clip_whether_or_not_values_leave_the_range(tmp_pat
         grey = rng.uniform(*values, (4, 30, 30)).astype(np.float32)
         expected = np.clip(grey, 0, 1)
         assert np.array_equal(reader._stretch_in_place(grey), expected)
+
+
+def test_box_taps_are_the_exact_area_weights():
+    """Each output pixel's taps are the share of its box each source pixel covers (random
+    offsets, sizes and shrink factors), with the taps no pixel needs left out."""
+    from siamese_analog_plugin.core.imagery import _box_taps
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        offset, size = rng.uniform(0, 1), int(rng.integers(5, 120))
+        width = size * rng.uniform(1.0, 4.0)
+        index, weight = _box_taps(offset, width, size)
+        n = int(np.ceil(offset + width)) + 2
+        got = np.zeros((size, n))
+        np.add.at(got, (np.repeat(np.arange(size), index.shape[1]), index.ravel()), weight.ravel())
+        lo = offset + np.arange(size) * width / size
+        edges = np.arange(n)
+        cover = np.clip(np.minimum(lo[:, None] + width / size, edges + 1) - np.maximum(lo[:, None], edges), 0, None)
+        assert np.abs(got - cover / cover.sum(axis=1, keepdims=True)).max() < 1e-5
+        assert index.shape[1] <= int(np.ceil(width / size)) + 1
+    index, _ = _box_taps(0.0, 150.0, 100)
+    assert index.shape[1] == 2  # a 1.5 px box touches two pixels, never three
