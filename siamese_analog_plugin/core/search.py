@@ -235,8 +235,9 @@ class ReadPlan:
     full resolution and averaged down (:meth:`GreyReader.read_row_resampled`; the values of
     reading each cell, to GDAL's rounding of its averages).
 
-    Otherwise (cells smaller than ``size`` pixels, which are interpolated, a rotated raster,
-    cells that leave it) each cell is read and resampled by GDAL on its own.
+    Otherwise (cells smaller than ``size`` pixels, which are interpolated; cells of more than
+    :data:`ROWS_READ_PIXELS`, which GDAL can read from overviews; a rotated raster; cells that
+    leave it) each cell is read and resampled by GDAL on its own.
     """
 
     block: bool
@@ -295,7 +296,8 @@ def plan_reads(info: RasterInfo, grid: CellGrid, size: int, transform=None) -> R
     col0, row0, cw, ch, sx, sy = (whole(v) for v in (x0, y0, cell_px, cell_py, step_px, step_py))
     if None not in (col0, row0, cw, ch, sx, sy) and cw == size and ch == size and sx >= 1 and sy >= 1:
         return ReadPlan(True, col0, row0, sx, sy, cell_px=float(size), cell_py=float(size))
-    if cell_px >= size - eps and cell_py >= size - eps and step_px > 0 and step_py > 0:
+    if cell_px >= size - eps and cell_py >= size - eps and step_px > 0 and step_py > 0 and \
+            cell_px * cell_py <= ROWS_READ_PIXELS:  # larger cells: GDAL reads them reduced (overviews)
         return ReadPlan(False, rows=True, x0=max(x0, 0.0), y0=max(y0, 0.0), cell_px=cell_px, cell_py=cell_py,
                         sx=step_px, sy=step_py)
     return ReadPlan(False)

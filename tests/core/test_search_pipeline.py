@@ -122,6 +122,14 @@ class TestReads:
         full = v1 == 1
         assert np.abs(rows[full] - cells[full]).max() <= 0.5 / 255 + 1e-6
 
+    def test_cells_too_large_for_a_strip_read_are_read_by_gdal(self, area_raster, monkeypatch):
+        from siamese_analog_plugin.core import search
+
+        info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1500))
+        assert plan_reads(info, grid, 100).mode == "rows"
+        monkeypatch.setattr(search, "ROWS_READ_PIXELS", 150 * 150 - 1)
+        assert plan_reads(info, grid, 100).mode == "cell"
+
     @pytest.mark.parametrize("cell_m", [730, 1200.2])
     def test_cells_to_enlarge_or_leaving_the_raster_are_read_one_by_one(self, area_raster, cell_m):
         """Cells smaller than the patch are interpolated by GDAL, cell by cell; so are cells that
