@@ -240,14 +240,16 @@ class GreyReader:
 
     def read_row_resampled(self, col_off: float, row_off: float, cell_w: float, cell_h: float, step: float,
                            count: int, size: int, at, out: np.ndarray) -> np.ndarray:
-        """Read cells of one grid row that must be shrunk to ``size`` x ``size`` into ``out``.
+        """Read cells of one grid row, resampled to ``size`` x ``size``, into ``out``.
 
-        The cells are the ``cell_w`` x ``cell_h`` px windows (fractional, ``cell_w`` and
-        ``cell_h`` at least ``size``) at ``col_off + k * step``, ``row_off`` for ``k`` below
-        ``count``; ``at`` picks which. The strip under them is read once at full resolution
-        and made grey, then averaged down with exact area weights (a box filter, nodata pixels
-        left out of it: GDAL's ``average``), rows first for the whole strip, then across each
-        cell, each output pixel a weighted sum of the few pixels its box touches. A cell's
+        The cells are the ``cell_w`` x ``cell_h`` px windows (fractional) at
+        ``col_off + k * step``, ``row_off`` for ``k`` below ``count``; ``at`` picks which. The
+        strip under them is read once at full resolution and made grey, then averaged down
+        with exact area weights (a box filter, nodata pixels left out of it: GDAL's
+        ``average``) or, for cells smaller than ``size``, interpolated up (bilinear, nodata
+        left out: GDAL's ``bilinear``, as :meth:`read_window` chooses), rows first for the
+        whole strip, then across each cell, each output pixel a weighted sum of the few pixels
+        it touches. A cell's
         validity is sampled from the pixels read at the output pixels' centres (GDAL's
         nearest-neighbour mask). :meth:`read_window` has GDAL average each band and round it
         to the band's type: for 150 px cells the values agree to that rounding (half a grey
@@ -262,9 +264,12 @@ class GreyReader:
 
         scratch = self._scratch
         W, H = self.ds.width, self.ds.height
-        c_a, r_a = int(np.floor(col_off)), int(np.floor(row_off))
-        c_b = min(W, int(np.ceil(col_off + (count - 1) * step + cell_w)))
-        r_b = min(H, int(np.ceil(row_off + cell_h)))
+        shrink_cells = cell_w >= size - 1e-6  # as read_window: average down, else bilinear up
+        taps_of = _box_taps if shrink_cells else _linear_taps
+        margin = 0 if shrink_cells else 1  # interpolation reaches half a pixel past the window
+        c_a, r_a = max(0, int(np.floor(col_off)) - margin), max(0, int(np.floor(row_off)) - margin)
+        c_b = min(W, int(np.ceil(col_off + (count - 1) * step + cell_w)) + margin)
+        r_b = min(H, int(np.ceil(row_off + cell_h)) + margin)
         h, w = r_b - r_a, c_b - c_a
         data, ok = self._read_pixels(Window(c_a, r_a, w, h), (h, w), _resampling().average, scratch)
         grey = _luminance(data, scratch.get("native", (h, w), np.float32),
@@ -281,15 +286,15 @@ class GreyReader:
             base = int(np.floor(x))
             frac = round(x - base, 9)
             if frac not in taps:
-                taps[frac] = _box_taps(frac, cell_w, size)
+                taps[frac] = taps_of(frac, cell_w, size)
             idx, wts = taps[frac]
-            parts.append((np.minimum(base + idx, w - 1), wts))
+            parts.append((np.clip(base + idx, 0, w - 1), wts))  # at the raster's edge: its edge pixel
             centres.append(np.minimum(base + _centres(frac, cell_w, size), w - 1))
         ix = np.concatenate([p[0] for p in parts])
         wx = np.concatenate([p[1] for p in parts])
         y = row_off - r_a
-        iy, wy = _box_taps(y, cell_h, size)
-        iy = np.minimum(iy, h - 1)
+        iy, wy = taps_of(y, cell_h, size)
+        iy = np.clip(iy, 0, h - 1)
         valid = np.ones(m, dtype=np.float32)
 
         def shrink(pixels: np.ndarray) -> np.ndarray:
@@ -469,6 +474,16 @@ def _box_taps(offset: float, width: float, size: int) -> tuple[np.ndarray, np.nd
     take = np.minimum(wanted, index.shape[1] - 1)  # past the last tap: weight 0 (not the last again)
     rows = np.arange(size)[:, None]
     return index[rows, take], np.where(wanted == take, weight[rows, take], 0.0).astype(np.float32)
+
+
+def _linear_taps(offset: float, width: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear interpolation of the span ``[offset, offset + width)`` up to ``size`` pixels, as
+    taps (see :func:`_box_taps`): output pixel ``j``'s centre falls between the centres of two
+    pixels and takes each by its nearness (GDAL's bilinear, to its rounding)."""
+    at = offset + (np.arange(size) + 0.5) * (width / size) - 0.5
+    first = np.floor(at).astype(np.int64)
+    frac = (at - first).astype(np.float32)
+    return np.stack([first, first + 1], axis=1), np.stack([1 - frac, frac], axis=1)
 
 
 def _apply_taps(rows: np.ndarray, index: np.ndarray, weight: np.ndarray, out: np.ndarray,

@@ -230,14 +230,15 @@ class ReadPlan:
     one grid row in a batch are read with one windowed read and sliced (identical values,
     one GDAL call instead of one per cell).
 
-    ``rows``: the cells are axis-aligned windows of at least ``size`` x ``size`` pixels (any
-    fraction), inside the raster: the cells of a grid row in a batch are read as one strip at
-    full resolution and averaged down (:meth:`GreyReader.read_row_resampled`; the values of
-    reading each cell, to GDAL's rounding of its averages).
+    ``rows``: the cells are axis-aligned windows (any size and fraction of a pixel), inside
+    the raster: the cells of a grid row in a batch are read as one strip at full resolution
+    and averaged down, or interpolated up when smaller than ``size``
+    (:meth:`GreyReader.read_row_resampled`; the values of GDAL reading each cell, to GDAL's
+    rounding).
 
-    Otherwise (cells smaller than ``size`` pixels, which are interpolated; cells of more than
-    :data:`ROWS_READ_PIXELS`, which GDAL can read from overviews; a rotated raster; cells that
-    leave it) each cell is read and resampled by GDAL on its own.
+    Otherwise (cells of more than :data:`ROWS_READ_PIXELS`, which GDAL can read from
+    overviews; cells shrunk on one axis and enlarged on the other; a rotated raster; cells
+    that leave it) each cell is read and resampled by GDAL on its own.
     """
 
     block: bool
@@ -296,7 +297,9 @@ def plan_reads(info: RasterInfo, grid: CellGrid, size: int, transform=None) -> R
     col0, row0, cw, ch, sx, sy = (whole(v) for v in (x0, y0, cell_px, cell_py, step_px, step_py))
     if None not in (col0, row0, cw, ch, sx, sy) and cw == size and ch == size and sx >= 1 and sy >= 1:
         return ReadPlan(True, col0, row0, sx, sy, cell_px=float(size), cell_py=float(size))
-    if cell_px >= size - eps and cell_py >= size - eps and step_px > 0 and step_py > 0 and \
+    # Both axes shrunk (averaged) or both enlarged (interpolated).
+    same_way = (cell_px >= size - eps) == (cell_py >= size - eps)
+    if same_way and step_px > 0 and step_py > 0 and \
             cell_px * cell_py <= ROWS_READ_PIXELS:  # larger cells: GDAL reads them reduced (overviews)
         return ReadPlan(False, rows=True, x0=max(x0, 0.0), y0=max(y0, 0.0), cell_px=cell_px, cell_py=cell_py,
                         sx=step_px, sy=step_py)

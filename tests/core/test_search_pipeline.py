@@ -130,17 +130,32 @@ class TestReads:
         monkeypatch.setattr(search, "ROWS_READ_PIXELS", 150 * 150 - 1)
         assert plan_reads(info, grid, 100).mode == "cell"
 
-    @pytest.mark.parametrize("cell_m", [730, 1200.2])
-    def test_cells_to_enlarge_or_leaving_the_raster_are_read_one_by_one(self, area_raster, cell_m):
-        """Cells smaller than the patch are interpolated by GDAL, cell by cell; so are cells that
-        leave the raster (1200.2 m cells: five fit in the 6 km wide raster but for 1 m)."""
-        info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=cell_m))
+    def test_cells_leaving_the_raster_are_read_one_by_one(self, area_raster):
+        """Cells that leave the raster (1200.2 m: five fit in the 6 km wide raster but for 1 m)
+        are read and resampled by GDAL cell by cell, the part outside invalid."""
+        info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1200.2))
         assert plan_reads(info, grid, 100).mode == "cell"
         _, patches, valid = batches(area_raster, grid, 100)
         with GreyReader(area_raster) as reader:
             expected = reader.read_bounds(grid.bounds(len(grid) - 1), 100)
         assert np.array_equal(patches[-1], expected[0])
         assert valid[-1] == np.float32(expected[1])
+
+    @pytest.mark.parametrize("cell_m", [730, 500])
+    def test_cells_to_enlarge_are_interpolated_from_rows_read_once(self, tmp_path, cell_m):
+        """Cells smaller than the patch are interpolated up from the row's strip (bilinear, as
+        GDAL's reads of each cell: within half a grey level, the same validity), edge cells too."""
+        grey = np.maximum(smooth_noise((400, 600), seed=8), 2)
+        grey[:130, :170] = 0
+        rgb = np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.6).astype(np.uint8)])
+        raster = write_raster(tmp_path / "r.tif", rgb, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000), nodata=0)
+        info, grid = plan_grid(SearchParams(raster, None, cell_size_m=cell_m))
+        assert plan_reads(info, grid, 100).mode == "rows"
+        _, rows, v1 = batches(raster, grid, 100)
+        _, cells, v2 = batches(raster, grid, 100, block_reads=False)
+        assert np.array_equal(v1, v2) and (v1 < 1).any() and (v1 == 1).any()
+        full = v1 == 1
+        assert np.abs(rows[full] - cells[full]).max() <= 0.5 / 255 + 1e-6
 
     def test_window_is_rasterio_from_bounds(self):
         info, grid = plan_grid(SearchParams(str(SAMPLE_RASTER), None, cell_size_m=4321.7, stride_m=3000))
