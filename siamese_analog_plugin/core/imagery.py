@@ -244,18 +244,19 @@ class GreyReader:
 
         The cells are the ``cell_w`` x ``cell_h`` px windows (fractional) at
         ``col_off + k * step``, ``row_off`` for ``k`` below ``count``; ``at`` picks which. The
-        strip under them is read once at full resolution and made grey, then averaged down
-        with exact area weights (a box filter, nodata pixels left out of it: GDAL's
-        ``average``) or, for cells smaller than ``size``, interpolated up (bilinear, nodata
-        left out: GDAL's ``bilinear``, as :meth:`read_window` chooses), rows first for the
-        whole strip, then across each cell, each output pixel a weighted sum of the few pixels
-        it touches. A cell's
-        validity is sampled from the pixels read at the output pixels' centres (GDAL's
-        nearest-neighbour mask). :meth:`read_window` has GDAL average each band and round it
-        to the band's type: for 150 px cells the values agree to that rounding (half a grey
-        level); GDAL's average is no exact box at factors near 1 (100.3 px cells: up to 20
-        levels apart). Several times faster: GDAL's resampling cost ~0.3 ms a 150 px RGB cell,
-        and its mask another read.
+        strip under them is read once at full resolution and made grey. Each cell is then
+        averaged down with exact area weights (a box filter: GDAL's ``average``) or, when
+        smaller than ``size``, interpolated up (GDAL's ``bilinear``), as :meth:`read_window`
+        chooses: down every column of the strip first, then across each cell, each output
+        pixel a weighted sum of the two or three pixels it touches. Nodata pixels are left out
+        of the weights, and a cell's validity is sampled at the output pixels' centres (GDAL's
+        nearest-neighbour mask), as GDAL reads do.
+
+        :meth:`read_window` has GDAL resample each band and round it to the band's type before
+        the grey mix: the two agree to that rounding (half a grey level; tests), except that
+        GDAL's average is no exact box at factors near 1 (100.3 px cells: up to 20 levels
+        apart). Several times faster: GDAL's resampling cost ~0.3 ms a 150 px RGB cell, and
+        its mask another read.
 
         Returns:
             the cells' valid fractions, ``(n,)`` float32.
@@ -297,7 +298,7 @@ class GreyReader:
         iy = np.clip(iy, 0, h - 1)
         valid = np.ones(m, dtype=np.float32)
 
-        def shrink(pixels: np.ndarray) -> np.ndarray:
+        def resample(pixels: np.ndarray) -> np.ndarray:
             """(m, size, size) views: down every column of the strip, then across each cell."""
             down = _apply_taps(pixels, iy, wy, scratch.get("down", (size, w), np.float32),
                                scratch.get("down_part", (size, w), np.float32))
@@ -309,11 +310,11 @@ class GreyReader:
             return across.reshape(m, size, size).transpose(0, 2, 1)
 
         if ok is None:
-            out[:m] = shrink(grey)
+            out[:m] = resample(grey)
         else:
-            grey *= ok  # nodata pixels weigh nothing; their share of each box is divided out
-            out[:m] = shrink(grey)
-            np.divide(out[:m], np.maximum(shrink(ok.astype(np.float32)), 1e-12), out=out[:m])
+            grey *= ok  # nodata pixels weigh nothing; their share of each output pixel is divided out
+            out[:m] = resample(grey)
+            np.divide(out[:m], np.maximum(resample(ok.astype(np.float32)), 1e-12), out=out[:m])
             cy = np.minimum(_centres(y, cell_h, size), h - 1)
         for j in range(m):
             self._stretch_in_place(out[j])
