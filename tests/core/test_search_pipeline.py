@@ -194,6 +194,16 @@ class TestReads:
         assert threading.active_count() == before
 
 
+@pytest.mark.parametrize("cores, cpu, gpu", [(1, 1, 2), (2, 1, 2), (4, 2, 2), (8, 4, 4), (32, 8, 8)])
+def test_reader_threads_follow_the_cores(monkeypatch, cores, cpu, gpu):
+    """Half the cores up to 8: one reader on two cores (a second only contends with the encoder
+    there), at least two to feed a GPU."""
+    from siamese_analog_plugin.core import search
+
+    monkeypatch.setattr(search.os, "cpu_count", lambda: cores)
+    assert (search.default_reader_threads("cpu"), search.default_reader_threads("cuda")) == (cpu, gpu)
+
+
 class TestRunSearch:
     def test_same_result_whatever_the_threads_and_read_mode(self, area_raster, tiny_model):
         params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, stride_m=500, model=tiny_model,
