@@ -322,7 +322,7 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
         e2e_rate = len(grid) / e2e_s
         e2e_cpu = 1e3 * result.extra["process_cpu_s"] / len(grid)
         log(f"End to end : {e2e_rate:10,.1f} cells/s ({len(grid):,} cells in {e2e_s:.1f} s, outputs written; "
-            f"{result.extra.get('read_mode')} reads, {result.extra.get('reader_threads')} reader threads; "
+            f"{result.extra.get('read_mode')} reads, {result.extra.get('reader_threads')} reader thread(s); "
             f"encoder busy {result.extra.get('encode_seconds', 0):.1f} s, waiting for batches "
             f"{result.extra.get('wait_seconds', 0):.1f} s; {e2e_cpu:.2f} ms CPU a cell)")
         log(f"Model only : {model_rate:10,.1f} cells/s (encoder alone on an in-memory batch of {batch_size}; "
