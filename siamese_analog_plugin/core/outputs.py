@@ -425,11 +425,15 @@ class CellLayerWriter:
 def _sql_values(column) -> list:
     """Python values for SQLite, converted as the OGR setters convert them (NaN/inf -> NULL)."""
     arr = np.asarray(column)
-    values = arr.tolist()
     if arr.dtype.kind == "f":
-        ok = np.isfinite(arr).tolist()
-        return [v if good else None for v, good in zip(values, ok)]
-    if arr.dtype.kind in "iu":
+        ok = np.isfinite(arr)
+        if ok.all():
+            return arr.tolist()
+        if not ok.any():
+            return [None] * arr.size
+        return [v if good else None for v, good in zip(arr.tolist(), ok.tolist())]
+    values = arr.tolist()
+    if arr.dtype.kind in "iuU":
         return values
     out = []
     for v in values:
