@@ -312,7 +312,7 @@ class GreyReader:
         if ok is None:
             out[:m] = resample(grey)
         else:
-            grey *= ok  # nodata pixels weigh nothing; their share of each output pixel is divided out
+            np.copyto(grey, 0.0, where=~ok)  # nodata (NaN too) weighs nothing; its share is divided out
             out[:m] = resample(grey)
             np.divide(out[:m], np.maximum(resample(ok.astype(np.float32)), 1e-12), out=out[:m])
             cy = np.minimum(_centres(y, cell_h, size), h - 1)

@@ -122,6 +122,20 @@ class TestReads:
         full = v1 == 1
         assert np.abs(rows[full] - cells[full]).max() <= 0.5 / 255 + 1e-6
 
+    def test_nan_nodata_of_float_rasters_stays_out_of_averaged_cells(self, tmp_path):
+        """A float raster whose nodata is NaN: cells averaged down from rows are finite, the NaN
+        pixels left out and counted invalid, as GDAL's per-cell reads count them."""
+        data = smooth_noise((300, 450), seed=9).astype(np.float32) * 3.5 + 100
+        data[40:90, 60:200] = np.nan
+        raster = write_raster(tmp_path / "f.tif", data, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000),
+                              nodata=float("nan"))
+        info, grid = plan_grid(SearchParams(raster, None, cell_size_m=1500))
+        assert plan_reads(info, grid, 100).mode == "rows"
+        _, patches, valid = batches(raster, grid, 100)
+        _, _, gdal_valid = batches(raster, grid, 100, block_reads=False)
+        assert np.isfinite(patches).all() and (valid < 1).any()
+        assert np.array_equal(valid, gdal_valid)
+
     def test_cells_too_large_for_a_strip_read_are_read_by_gdal(self, area_raster, monkeypatch):
         from siamese_analog_plugin.core import search
 
