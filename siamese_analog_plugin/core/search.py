@@ -343,16 +343,18 @@ def _read_rows_resampled(reader: GreyReader, grid: CellGrid, idx: np.ndarray, si
     """:func:`read_cells` for a ``rows`` plan: each grid row of the batch in strips of at most
     :data:`ROWS_READ_PIXELS` source pixels, averaged down cell by cell."""
     rows, cols = grid.rows[idx], grid.cols[idx]
-    per_strip = max(1, int(ROWS_READ_PIXELS / (plan.cell_py * max(plan.sx, 1.0))))
+    span = max(1, int(ROWS_READ_PIXELS / (plan.cell_py * max(plan.sx, 1.0))))  # grid columns a strip covers
     bounds = np.flatnonzero(np.diff(rows)) + 1
     for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
-        for s in range(a, b, per_strip):
-            e = min(b, s + per_strip)
+        s = a
+        while s < b:  # a row's columns rise; a strip spans at most ``span`` of them (kept or not)
+            e = max(s + 1, s + int(np.searchsorted(cols[s:b], cols[s] + span)))
             c = cols[s:e]
             c_lo = int(c[0])
             valid[s:e] = reader.read_row_resampled(plan.x0 + c_lo * plan.sx, plan.y0 + int(rows[s]) * plan.sy,
                                                    plan.cell_px, plan.cell_py, plan.sx, int(c[-1]) - c_lo + 1, size,
                                                    c - c_lo, patches[s:e])
+            s = e
     return valid
 
 

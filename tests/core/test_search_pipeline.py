@@ -20,6 +20,7 @@ from rasterio.windows import from_bounds
 from siamese_analog_plugin.core import outputs
 from siamese_analog_plugin.core.encoder import load_model
 from siamese_analog_plugin.core.feedback import Feedback
+from siamese_analog_plugin.core.grid import Area
 from siamese_analog_plugin.core.imagery import GreyReader
 from siamese_analog_plugin.core.search import SearchParams, iter_patch_batches, plan_grid, plan_reads, run_search
 
@@ -135,6 +136,35 @@ class TestReads:
         _, _, gdal_valid = batches(raster, grid, 100, block_reads=False)
         assert np.isfinite(patches).all() and (valid < 1).any()
         assert np.array_equal(valid, gdal_valid)
+
+    def test_rows_reads_are_split_into_strips_of_bounded_width(self, tmp_path, monkeypatch):
+        """A strip spans at most ROWS_READ_PIXELS worth of grid columns, kept cells or not (an
+        area with a gap in the middle of its rows): the same patches, fewer pixels held."""
+        from shapely.geometry import box
+
+        from siamese_analog_plugin.core import search
+
+        grey = np.maximum(smooth_noise((300, 900), seed=4), 2)
+        raster = write_raster(tmp_path / "w.tif", grey, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000))
+        area = Area(box(600000, 2697000, 601500, 2700000).union(box(607500, 2697000, 609000, 2700000)), "EPSG:32618")
+        info, grid = plan_grid(SearchParams(raster, None, area=area, cell_size_m=1500, stride_m=750))
+        assert plan_reads(info, grid, 100).mode == "rows" and np.ptp(grid.cols) > 8
+        widths = []
+        read = GreyReader.read_row_resampled
+
+        def spy(self, col_off, row_off, cell_w, cell_h, step, count, *rest):
+            widths.append(count)
+            return read(self, col_off, row_off, cell_w, cell_h, step, count, *rest)
+
+        monkeypatch.setattr(GreyReader, "read_row_resampled", spy)
+        whole = batches(raster, grid, 100, threads=1)
+        assert max(widths) > 4  # a strip across the gap
+        widths.clear()
+        monkeypatch.setattr(search, "ROWS_READ_PIXELS", 150 * 75 * 4)  # 4 grid columns a strip
+        split = batches(raster, grid, 100, threads=1)
+        assert max(widths) <= 4
+        for x, y in zip(whole, split):
+            assert np.array_equal(x, y)
 
     def test_cells_too_large_for_a_strip_read_are_read_by_gdal(self, area_raster, monkeypatch):
         from siamese_analog_plugin.core import search
