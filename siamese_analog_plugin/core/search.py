@@ -270,7 +270,7 @@ class ReadPlan:
         return None
 
 
-ROWS_READ_PIXELS = 1_000_000  # source pixels a resampled strip read holds at most (per band)
+ROWS_READ_PIXELS = 1_000_000  # source pixels a strip read holds at most (per band; roughly)
 
 
 def plan_reads(info: RasterInfo, grid: CellGrid, size: int, transform=None) -> ReadPlan:
@@ -322,15 +322,14 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
             patches[j], valid[j] = reader.read_bounds(tuple(b), size)
         return patches, valid
     rows, cols = grid.rows[idx], grid.cols[idx]
-    # One read per grid row of the batch: the strip from its first to its last cell. The cells
-    # of a row are consecutive in the batch (the grid is row-major), and each is a window of
-    # the strip, converted straight from the strip's pixels into its patch.
-    bounds = np.flatnonzero(np.diff(rows)) + 1
-    for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
+    # One read per grid row of the batch (or per stretch of it, see _strips): the strip from its
+    # first to its last cell, each cell a window of it, converted straight from the strip's
+    # pixels into its patch.
+    for a, b in _strips(rows, cols, max(1, int(ROWS_READ_PIXELS / (size * plan.step_px)))):
         c = cols[a:b]
-        c_lo, c_hi = int(c.min()), int(c.max())
-        # A row's columns rise (the grid is row-major): when they span exactly as many columns as
-        # there are cells, they are every cell from the first to the last, read as a view.
+        c_lo, c_hi = int(c[0]), int(c[-1])
+        # When the columns span exactly as many columns as there are cells, they are every cell
+        # from the first to the last, read as a view.
         at = slice(0, b - a) if c_hi - c_lo == b - a - 1 else c - c_lo
         valid[a:b] = reader.read_row_cells(plan.col0 + c_lo * plan.step_px, plan.row0 + int(rows[a]) * plan.step_py,
                                            (c_hi - c_lo) * plan.step_px + size, size, plan.step_px, at,
@@ -338,23 +337,30 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
     return patches, valid
 
 
-def _read_rows_resampled(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int, plan: ReadPlan,
-                         patches: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """:func:`read_cells` for a ``rows`` plan: each grid row of the batch in strips of at most
-    :data:`ROWS_READ_PIXELS` source pixels, averaged down cell by cell."""
-    rows, cols = grid.rows[idx], grid.cols[idx]
-    span = max(1, int(ROWS_READ_PIXELS / (plan.cell_py * max(plan.sx, 1.0))))  # grid columns a strip covers
+def _strips(rows: np.ndarray, cols: np.ndarray, span: int):
+    """``(start, stop)`` ranges of a batch's cells read as one strip: cells of one grid row
+    (consecutive in the batch, the grid being row-major, their columns rising) within ``span``
+    grid columns of the first, kept or not (a row with a gap is not read across it whole)."""
     bounds = np.flatnonzero(np.diff(rows)) + 1
     for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
-        s = a
-        while s < b:  # a row's columns rise; a strip spans at most ``span`` of them (kept or not)
+        s = int(a)
+        while s < b:
             e = max(s + 1, s + int(np.searchsorted(cols[s:b], cols[s] + span)))
-            c = cols[s:e]
-            c_lo = int(c[0])
-            valid[s:e] = reader.read_row_resampled(plan.x0 + c_lo * plan.sx, plan.y0 + int(rows[s]) * plan.sy,
-                                                   plan.cell_px, plan.cell_py, plan.sx, int(c[-1]) - c_lo + 1, size,
-                                                   c - c_lo, patches[s:e])
+            yield s, e
             s = e
+
+
+def _read_rows_resampled(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int, plan: ReadPlan,
+                         patches: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """:func:`read_cells` for a ``rows`` plan: each grid row of the batch in strips of about
+    :data:`ROWS_READ_PIXELS` source pixels at most, resampled cell by cell."""
+    rows, cols = grid.rows[idx], grid.cols[idx]
+    for s, e in _strips(rows, cols, max(1, int(ROWS_READ_PIXELS / (plan.cell_py * max(plan.sx, 1.0))))):
+        c = cols[s:e]
+        c_lo = int(c[0])
+        valid[s:e] = reader.read_row_resampled(plan.x0 + c_lo * plan.sx, plan.y0 + int(rows[s]) * plan.sy,
+                                               plan.cell_px, plan.cell_py, plan.sx, int(c[-1]) - c_lo + 1, size,
+                                               c - c_lo, patches[s:e])
     return valid
 
 
