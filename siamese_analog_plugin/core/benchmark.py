@@ -178,7 +178,8 @@ def _model_only(encoder, x, cells: int) -> tuple[float, str, float]:
                     torch.cuda.synchronize()
                 rate = reps * len(x) / (time.perf_counter() - t)
                 used = time.process_time() - cpu
-            how = f"{threads} CPU thread(s)" if workers == 1 else f"{workers} batches at once, {threads} thread(s) each"
+            how = (f"on {encoder.device}" if encoder.device.type != "cpu" else f"{threads} CPU thread(s)"
+                   if workers == 1 else f"{workers} batches at once, {threads} thread(s) each")
             best = max(best, (rate, how, 1e3 * used / (reps * len(x))))
     finally:
         torch.set_num_threads(before)
