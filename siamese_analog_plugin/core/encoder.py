@@ -178,9 +178,8 @@ def _pair(v) -> tuple:
 def _is_plain_pool_2x2(module) -> bool:
     """Whether ``module`` is ``MaxPool2d(2)``: 2 x 2 windows, stride 2, no padding, floor mode."""
     nn = _torch().nn
-    pair = _pair
-    return isinstance(module, nn.MaxPool2d) and pair(module.kernel_size) == (2, 2) and \
-        pair(module.stride) == (2, 2) and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and \
+    return isinstance(module, nn.MaxPool2d) and _pair(module.kernel_size) == (2, 2) and \
+        _pair(module.stride) == (2, 2) and _pair(module.padding) == (0, 0) and _pair(module.dilation) == (1, 1) and \
         not module.ceil_mode and not module.return_indices
 
 

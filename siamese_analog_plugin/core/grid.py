@@ -93,9 +93,9 @@ class CellGrid:
         """Bounds of kept cell ``i`` (0-based)."""
         return tuple(float(v) for v in self.bounds_array([i])[0])
 
-    def centres(self) -> tuple[np.ndarray, np.ndarray]:
-        """Centre x, y of the kept cells in the raster CRS."""
-        b = self.bounds_array()
+    def centres(self, index=None) -> tuple[np.ndarray, np.ndarray]:
+        """Centre x, y of the kept cells (or of ``index``) in the raster CRS."""
+        b = self.bounds_array(index)
         return (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
 
     @property

@@ -130,12 +130,11 @@ class GreyReader:
                 all(np.dtype(ds.dtypes[b - 1]).kind in "iu" for b in self.bands) and \
                 all(v is not None and float(v).is_integer() for v in nodata):
             self._nodata = [int(v) for v in nodata]
-        dtypes = {ds.dtypes[b - 1] for b in self.bands}
-        self._dtype = np.dtype(dtypes.pop()) if len(dtypes) == 1 else None  # of reads into a buffer
+        kinds = {np.dtype(ds.dtypes[b - 1]) for b in self.bands}
+        self._dtype = next(iter(kinds)) if len(kinds) == 1 else None  # of reads into a buffer
         self._scratch = _Scratch()
         self._inverse = ~ds.transform
         self.lo, self.hi = stretch if stretch is not None else self._stretch()
-        kinds = {np.dtype(ds.dtypes[b - 1]) for b in self.bands}
         self._never_below = all(k.kind == "u" for k in kinds) and self.lo <= 0
         self._never_above = len(self.bands) == 1 and all(k.kind in "iu" for k in kinds) and \
             self.hi >= max(np.iinfo(k).max for k in kinds)
@@ -315,10 +314,10 @@ class GreyReader:
             np.copyto(grey, 0.0, where=~ok)  # nodata (NaN too) weighs nothing; its share is divided out
             out[:m] = resample(grey)
             np.divide(out[:m], np.maximum(resample(ok.astype(np.float32)), 1e-12), out=out[:m])
+        self._stretch_in_place(out[:m])
+        if ok is not None:
             cy = np.minimum(_centres(y, cell_h, size), h - 1)
-        for j in range(m):
-            self._stretch_in_place(out[j])
-            if ok is not None:
+            for j in range(m):
                 mask = ok[np.ix_(cy, centres[j])]
                 valid[j] = mask.mean()
                 if valid[j] < 1:

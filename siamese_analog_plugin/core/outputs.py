@@ -403,8 +403,7 @@ class CellLayerWriter:
         for name, kind in CELL_FIELDS:
             if name in values:
                 layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
-        bounds = self._grid.bounds_array(index)
-        cx, cy = (bounds[:, 0] + bounds[:, 2]) / 2, (bounds[:, 1] + bounds[:, 3]) / 2
+        cx, cy = self._grid.centres(index)
         layer.StartTransaction()
         for j in range(index.size):
             f = ogr.Feature(layer.GetLayerDefn())

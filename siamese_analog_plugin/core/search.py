@@ -424,7 +424,7 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
     readers: list[GreyReader] = []
     lock = threading.Lock()
     depth = threads + max(0, prefetch)
-    # One buffer per batch that can exist at once: ``depth`` submitted plus the consumer's.
+    # One buffer per batch that can exist at once: ``depth`` submitted plus the ``held`` the consumer has.
     held = max(1, int(held))
     pool: queue.SimpleQueue | None = None
     if reuse:
@@ -701,8 +701,8 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
 
     threads = params.reader_threads or default_reader_threads(encoder.device.type)
     extra["reader_threads"] = threads
-    block = params.block_reads and plan_reads(info, grid, size).mode != "cell"
-    extra["read_mode"] = plan_reads(info, grid, size).mode if block else "cell"
+    extra["read_mode"] = plan_reads(info, grid, size).mode if params.block_reads else "cell"
+    block = extra["read_mode"] != "cell"
     stop = threading.Event()
     encoders = _EncoderThreads(encoder.device, params.torch_threads)
     extra["encoder_threads"] = encoders.workers

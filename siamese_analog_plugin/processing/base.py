@@ -230,21 +230,19 @@ class AnalogAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(message)
 
     # -- parameter helpers shared by the algorithms -------------------------------------------
-    def _optional_number(self, parameters, name: str, context) -> float | None:
-        """A number parameter that may be left empty (``None``; 0 also means "not given")."""
+    def _optional_number(self, parameters, name: str, context, integer: bool = False) -> float | int | None:
+        """A number (``integer``: an int) parameter that may be left empty (``None``; 0 also
+        means "not given")."""
         value = parameters.get(name)
         if value is None or value == "":
             return None
-        number = self.parameterAsDouble(parameters, name, context)
+        read = self.parameterAsInt if integer else self.parameterAsDouble
+        number = read(parameters, name, context)
         return number if number > 0 else None
 
     def _optional_int(self, parameters, name: str, context) -> int | None:
-        """An integer parameter that may be left empty (``None``; 0 also means "not given")."""
-        value = parameters.get(name)
-        if value is None or value == "":
-            return None
-        number = self.parameterAsInt(parameters, name, context)
-        return number if number > 0 else None
+        """An integer parameter that may be left empty (see :meth:`_optional_number`)."""
+        return self._optional_number(parameters, name, context, integer=True)
 
     @staticmethod
     def _check_raster_and_cells(out_raster: str, out_cells: str, raster_what: str, cells_what: str) -> None:
