@@ -8,10 +8,10 @@ export PYTHONDONTWRITEBYTECODE = 1
 SAMPLE_RASTER    = resources/earth/landsat_bahamas_rgb_300m.tif
 SAMPLE_REFERENCE = resources/mars/ganges_chasma_dunes_ctx_7m.tif
 
-.PHONY: help demo test test-core test-gui fewshot-eval lint train evaluate bench package clean
+.PHONY: help demo test test-engine test-gui fewshot-eval lint train evaluate bench package clean
 
 help:
-	@echo "make demo | test | test-core | lint | train | evaluate | bench | package | clean"
+	@echo "make demo | test | test-engine | lint | train | evaluate | bench | package | clean"
 
 ## The main job on the shipped sample data: a dissimilarity map of the Bahamas banks against
 ## the Ganges Chasma dune field, as GeoTIFF + GeoPackage + PNG in $(OUT)/demo.
@@ -24,8 +24,8 @@ demo:
 test:
 	$(PY) -m pytest
 
-test-core:
-	$(PY) -m pytest tests/core
+test-engine:
+	$(PY) -m pytest tests/engine tests/learning
 
 test-gui:
 	$(PY) -m pytest tests/gui

@@ -1,7 +1,8 @@
 """Siamese Analog Finder: find the places on Earth whose ground looks like a patch of Mars.
 
-QGIS calls :func:`classFactory`; everything else (the engine in ``core``, the command line)
-works without QGIS.
+QGIS calls :func:`classFactory`; everything else works without QGIS: the engine (``engine``:
+cells -> patches -> embeddings -> queries -> outputs), the learning side (``learning``: training,
+evaluation, transfer) and the command line (``cli``).
 """
 
 __version__ = "0.1.0"

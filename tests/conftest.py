@@ -89,7 +89,7 @@ def tiny_model_path(tmp_path_factory) -> str:
     """A real (untrained, seeded) compact encoder saved in the model format: fast on CPU."""
     import torch
 
-    from siamese_analog_plugin.core.encoder import ModelMetadata, build_network, save_model
+    from siamese_analog_plugin.engine.encoder import ModelMetadata, build_network, save_model
 
     torch.manual_seed(0)
     # Tiny and untrained; the whole-patch pooling keeps the few-shot tests' separations stable.

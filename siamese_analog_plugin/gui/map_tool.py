@@ -26,7 +26,7 @@ from qgis.gui import QgsMapCanvas, QgsMapTool, QgsRubberBand, QgsSnapIndicator
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
-from ..core.grid import DEFAULT_MAX_CELLS
+from ..engine.grid import DEFAULT_MAX_CELLS
 from .parameters import area_status_message
 
 __all__ = ["AreaMapTool", "DrawnArea", "measure_area_m2"]

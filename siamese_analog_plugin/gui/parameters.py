@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import AnalogFinderError
-from ..core.grid import DEFAULT_MAX_CELLS, estimate_cell_count
+from ..engine.errors import AnalogFinderError
+from ..engine.grid import DEFAULT_MAX_CELLS, estimate_cell_count
 
 __all__ = [
     "ALGORITHM_ID",
@@ -102,8 +102,8 @@ def estimate_cell_size(last_used: Mapping | None, raster_path: str | None) -> tu
         return cell, "last used"
     if not raster_path:
         return None, "choose a cell size in the dialog"
-    from ..core.imagery import GreyReader, ReferenceImage, describe_raster, list_images
-    from ..core.search import default_cell_size_m
+    from ..engine.imagery import GreyReader, ReferenceImage, describe_raster, list_images
+    from ..engine.search import default_cell_size_m
 
     refs = []
     for p in reference_paths(last_used.get("REFERENCE")):

@@ -23,8 +23,8 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QIcon
 
-from ..core.errors import AnalogFinderError, SearchCancelled
-from ..core.feedback import Feedback
+from ..engine.errors import AnalogFinderError, SearchCancelled
+from ..engine.feedback import Feedback
 
 __all__ = [
     "DEPENDENCIES",

@@ -76,8 +76,8 @@ the search. Cancelling leaves no partial file.</p>"""
         with engine_errors("Embedding"):
             import numpy as np
 
-            from ..core.embedding import embed_folder
-            from ..core.outputs import atomic_outputs, check_destination
+            from ..engine.image_embeddings import embed_folder
+            from ..engine.outputs import atomic_outputs, check_destination
 
             check_destination(out, "output file")
             paths, emb, device = embed_folder(

@@ -43,7 +43,7 @@ CELLS_LAYER_NAME = "Landform cells"
 
 def style_class_raster(layer, class_names: list[str], name: str | None = RASTER_LAYER_NAME):
     """Paletted renderer: one colour per class (value i + 1), labelled with the class name."""
-    from ..core.fewshot import class_colours
+    from ..engine.classes import class_colours
 
     classes = [QgsPalettedRasterRenderer.Class(i + 1, QColor(*rgb), cls)
                for i, (cls, rgb) in enumerate(zip(class_names, class_colours(len(class_names))))]
@@ -58,7 +58,7 @@ def style_class_raster(layer, class_names: list[str], name: str | None = RASTER_
 
 def style_class_cells(layer, class_names: list[str], name: str | None = CELLS_LAYER_NAME):
     """Categorised renderer on ``class``: the same colour per class as the raster, one legend entry each."""
-    from ..core.fewshot import class_colours
+    from ..engine.classes import class_colours
 
     categories = []
     for cls, rgb in zip(class_names, class_colours(len(class_names))):
@@ -199,8 +199,8 @@ Cancelling leaves no partial files.</p>"""
         adapter = ProcessingFeedbackAdapter(feedback)
         work_dir = None
         with engine_errors("The landform mapping"):
-            from ..core.encoder import load_model
-            from ..core.fewshot import FewShotParams, run_fewshot_map
+            from ..engine.encoder import load_model
+            from ..engine.landforms import FewShotParams, run_fewshot_map
 
             support = self._support(parameters, context, feedback)
             area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)
@@ -238,7 +238,7 @@ Cancelling leaves no partial files.</p>"""
     # -- helpers ---------------------------------------------------------------------------
     def _support(self, parameters, context, feedback):
         """Labelled features from the examples layer, or the image folder, or ``None`` (model's classes)."""
-        from ..core.fewshot import LabelledFeatures
+        from ..engine.support import LabelledFeatures
 
         folder = self.parameterAsFile(parameters, self.SUPPORT_FOLDER, context)
         source = self.parameterAsSource(parameters, self.EXAMPLES, context)

@@ -220,9 +220,9 @@ leaves no partial files.</p>"""
         work_dir = None
         written: list[str] = []
         with engine_errors("The search"):
-            from ..core.encoder import load_model
-            from ..core.outputs import check_destination
-            from ..core.search import SearchParams, run_search
+            from ..engine.encoder import load_model
+            from ..engine.outputs import check_destination
+            from ..engine.search import SearchParams, run_search
 
             if out_report:
                 check_destination(out_report, "report")
@@ -291,7 +291,7 @@ leaves no partial files.</p>"""
         """The cell size for a rendered (tile) layer when none was given: the references' ground size."""
         import numpy as np
 
-        from ..core.imagery import load_references
+        from ..engine.imagery import load_references
 
         refs = load_references(self._references, input_size, reference_res)
         grounds = [r.ground_size_m for r in refs if r.ground_size_m]

@@ -102,7 +102,7 @@ def area_from_source(source: QgsProcessingFeatureSource | None, feedback=None):
     from shapely.geometry import MultiPolygon, Polygon
     from shapely.ops import unary_union
 
-    from ..core.grid import Area
+    from ..engine.grid import Area
 
     crs = source.sourceCrs()
     if not crs.isValid():
@@ -202,7 +202,7 @@ class RenderedRasterSource:
         error = writer.writeRaster(pipe, n_cols, n_rows, extent, self.crs, self.transform_context,
                                    block_feedback.inner)
         if block_feedback.inner.isCanceled():
-            from ..core.errors import SearchCancelled
+            from ..engine.errors import SearchCancelled
 
             raise SearchCancelled()
         if error != QgsRasterFileWriter.NoError or not os.path.exists(path):

@@ -56,7 +56,7 @@ def _histogram_png(values: np.ndarray, quartiles: np.ndarray) -> str:
 def report_html(result, raster: str, top: int = 10, title: str = "Mars analog sites",
                 raster_label: str | None = None) -> str:
     """The report page as a string (see :func:`write_report`)."""
-    from ..core.imagery import GreyReader
+    from ..engine.imagery import GreyReader
 
     values = result.dissimilarity[result.scored]
     esc = html.escape
@@ -111,7 +111,7 @@ def report_html(result, raster: str, top: int = 10, title: str = "Mars analog si
 
 def write_report(path: str | os.PathLike, result, raster: str, top: int = 10, raster_label: str | None = None) -> str:
     """Write the HTML report atomically (temporary name, then rename). Returns the path."""
-    from ..core.outputs import atomic_outputs
+    from ..engine.outputs import atomic_outputs
 
     text = report_html(result, raster, top=top, raster_label=raster_label)
     with atomic_outputs({"report": path}) as tmp:

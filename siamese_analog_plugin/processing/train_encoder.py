@@ -25,7 +25,7 @@ from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
 __all__ = ["TrainEncoderAlgorithm", "training_module"]
 
 ARCHITECTURES = ("compact", "paper")
-TRAINING_MODULE = "siamese_analog_plugin.core.training"
+TRAINING_MODULE = "siamese_analog_plugin.learning.training"
 
 
 def training_module():
@@ -124,7 +124,7 @@ no model.</p>"""
         if training is None:
             raise QgsProcessingException(
                 "Training is not available in this installation: the training module "
-                "(siamese_analog_plugin/core/training.py) is missing. Update or reinstall the plugin.")
+                "(siamese_analog_plugin/learning/training.py) is missing. Update or reinstall the plugin.")
         dim = parameters.get(self.EMBEDDING_DIM)
         config = training.TrainConfig(
             data=self.parameterAsFile(parameters, self.INPUT, context),

@@ -43,7 +43,7 @@ def mercator_view_of_bahamas():
 def area_as_the_algorithm_reads_it(area_value):
     """AREA -> engine Area, as the Processing algorithm does: the (selected) polygons of the
     layer, unioned, with the layer's CRS."""
-    from siamese_analog_plugin.core.grid import Area
+    from siamese_analog_plugin.engine.grid import Area
 
     if isinstance(area_value, QgsProcessingFeatureSourceDefinition):
         layer = QgsProject.instance().mapLayer(area_value.source.staticValue())
@@ -103,8 +103,8 @@ class TestDrawnAreaDialog:
         assert "cells of 6,000 m" in "\n".join(str(c) for c in qgis_iface.statusBarIface().showMessage.call_args_list)
 
     def test_canvas_crs_other_than_the_raster_reprojects_onto_it(self, gui, set_canvas, bahamas, recorder):
-        from siamese_analog_plugin.core.grid import build_grid
-        from siamese_analog_plugin.core.imagery import describe_raster
+        from siamese_analog_plugin.engine.grid import build_grid
+        from siamese_analog_plugin.engine.imagery import describe_raster
 
         canvas = set_canvas("EPSG:3857", mercator_view_of_bahamas())
         gui.draw_action.trigger()
@@ -189,8 +189,8 @@ class TestSelectedPolygons:
         return layer
 
     def test_selected_features_become_the_area(self, gui, polygons, bahamas, recorder, qgis_iface):
-        from siamese_analog_plugin.core.grid import build_grid
-        from siamese_analog_plugin.core.imagery import describe_raster
+        from siamese_analog_plugin.engine.grid import build_grid
+        from siamese_analog_plugin.engine.imagery import describe_raster
 
         first = next(polygons.getFeatures())
         polygons.selectByIds([first.id()])

@@ -73,8 +73,8 @@ def test_drawn_area_search_runs_and_loads_styled_results(gui, analog_provider, s
     """Draw over the imagery in Web Mercator, "press Run", get styled cells over exactly that area."""
     import processing
 
-    from siamese_analog_plugin.core.grid import build_grid
-    from siamese_analog_plugin.core.imagery import describe_raster
+    from siamese_analog_plugin.engine.grid import build_grid
+    from siamese_analog_plugin.engine.imagery import describe_raster
     from siamese_analog_plugin.gui.settings import load_last_used, save_last_used
     from siamese_analog_plugin.processing.layers import area_from_source
 

@@ -115,7 +115,7 @@ class TestDrawing:
 
 class TestStatusEstimate:
     def test_area_and_cells_while_drawing(self, tool):
-        from siamese_analog_plugin.core.grid import estimate_cell_count
+        from siamese_analog_plugin.engine.grid import estimate_cell_count
 
         canvas = tool.canvas()
         tool.cell_size_m, tool.cell_size_why = 6000.0, "last used"
@@ -133,7 +133,7 @@ class TestStatusEstimate:
     def test_estimate_counts_only_the_part_over_the_raster(self, tool):
         from qgis.core import QgsRectangle
 
-        from siamese_analog_plugin.core.grid import estimate_cell_count
+        from siamese_analog_plugin.engine.grid import estimate_cell_count
 
         canvas = tool.canvas()
         tool.cell_size_m = 6000.0
@@ -154,7 +154,7 @@ class TestStatusEstimate:
     def test_raster_in_another_crs_and_outside(self, tool):
         from qgis.core import QgsRectangle
 
-        from siamese_analog_plugin.core.grid import estimate_cell_count
+        from siamese_analog_plugin.engine.grid import estimate_cell_count
 
         canvas = tool.canvas()
         tool.cell_size_m = 6000.0

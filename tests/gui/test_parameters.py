@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from siamese_analog_plugin.core.grid import estimate_cell_count
+from siamese_analog_plugin.engine.grid import estimate_cell_count
 from siamese_analog_plugin.gui.parameters import (
     REMEMBERED_PARAMETERS,
     area_status_message,
@@ -47,7 +47,7 @@ class TestEstimateCellSize:
         assert estimate_cell_size({"CELL_SIZE": 750, "REFERENCE": [str(GANGES)]}, str(BAHAMAS)) == (750.0, "last used")
 
     def test_georeferenced_reference_gives_its_ground_size(self):
-        from siamese_analog_plugin.core.imagery import load_references
+        from siamese_analog_plugin.engine.imagery import load_references
 
         size, why = estimate_cell_size({"REFERENCE": [str(GANGES)]}, str(BAHAMAS))
         engine = load_references([str(GANGES)], 32)[0].ground_size_m  # what a search would use

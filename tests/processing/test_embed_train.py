@@ -58,7 +58,7 @@ def test_embed_images_bad_folder(run_alg, tiny_model_path, tmp_path):
 
 
 def test_train_one_epoch_then_search_with_the_model(run_alg, tmp_path, feedback):
-    from siamese_analog_plugin.core.encoder import load_model
+    from siamese_analog_plugin.engine.encoder import load_model
 
     data = tmp_path / "training"
     write_texture_folders(data)

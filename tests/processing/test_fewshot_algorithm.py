@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from ..core.conftest import write_raster
-from ..core.test_fewshot import make_class_folder, speckle, stripes
+from ..engine.conftest import write_raster
+from ..engine.test_fewshot import make_class_folder, speckle, stripes
 from .conftest import RecordingFeedback, leftovers
 
 ALG = "siameseanalog:fewshotlandforms"
@@ -70,7 +70,7 @@ class TestFewShotLandforms:
             QgsVectorLayer,
         )
 
-        from siamese_analog_plugin.core.fewshot import class_colours
+        from siamese_analog_plugin.engine.classes import class_colours
 
         res = processing.runAndLoadResults(ALG, params(two_textures, tiny_model_path, tmp_path,
                                                        EXAMPLES=wgs84_examples(), CLASS_FIELD="landform"),

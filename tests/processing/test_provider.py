@@ -67,14 +67,14 @@ def test_find_analogs_parameters(registry):
 
 
 def test_training_is_reported_when_missing(registry, monkeypatch, tmp_path):
-    """A build without core/training.py names what is missing instead of failing obscurely."""
+    """A build without learning/training.py names what is missing instead of failing obscurely."""
     import sys
 
     import processing
     from qgis.core import QgsProcessingException
 
     (tmp_path / "data" / "a").mkdir(parents=True)
-    monkeypatch.setitem(sys.modules, "siamese_analog_plugin.core.training", None)
+    monkeypatch.setitem(sys.modules, "siamese_analog_plugin.learning.training", None)
     with pytest.raises(QgsProcessingException, match="training module"):
         processing.run(f"{PROVIDER_ID}:trainencoder", {"INPUT": str(tmp_path / "data"), "EPOCHS": 1,
                                                         "OUTPUT": str(tmp_path / "m.pt")})

@@ -11,10 +11,10 @@ from affine import Affine
 from osgeo import ogr
 from PIL import Image
 
-from siamese_analog_plugin.core.errors import InputError, OutputError, SearchCancelled
-from siamese_analog_plugin.core.feedback import Feedback
-from siamese_analog_plugin.core.outputs import NODATA, atomic_outputs
-from siamese_analog_plugin.core.search import SearchParams, rank_scores, run_search, score_embeddings
+from siamese_analog_plugin.engine.errors import InputError, OutputError, SearchCancelled
+from siamese_analog_plugin.engine.feedback import Feedback
+from siamese_analog_plugin.engine.outputs import NODATA, atomic_outputs
+from siamese_analog_plugin.engine.search import SearchParams, rank_scores, run_search, score_embeddings
 
 from .conftest import SAMPLE_HIRISE, SAMPLE_RASTER, SAMPLE_REFERENCE, smooth_noise, write_raster
 
@@ -169,7 +169,7 @@ class TestBadInputAndOutputs:
     def test_corrupt_model(self, planted, tmp_path):
         bad = tmp_path / "bad.pt"
         bad.write_bytes(b"\x00" * 100)
-        from siamese_analog_plugin.core.errors import ModelError
+        from siamese_analog_plugin.engine.errors import ModelError
 
         with pytest.raises(ModelError, match="not a Siamese Analog Finder model"):
             run_search(SearchParams(planted[0], planted[1], cell_size_m=1000, model=str(bad)))

@@ -7,7 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from siamese_analog_plugin.core.datasets import (  # noqa: E402
+from siamese_analog_plugin.engine.encoder import load_model  # noqa: E402
+from siamese_analog_plugin.engine.errors import InputError  # noqa: E402
+from siamese_analog_plugin.learning.datasets import (  # noqa: E402
     ANALOG_PAIRS,
     ImageRecord,
     PairTable,
@@ -17,9 +19,7 @@ from siamese_analog_plugin.core.datasets import (  # noqa: E402
     scene_of,
     split_by_scene,
 )
-from siamese_analog_plugin.core.encoder import load_model  # noqa: E402
-from siamese_analog_plugin.core.errors import InputError  # noqa: E402
-from siamese_analog_plugin.core.training import (  # noqa: E402
+from siamese_analog_plugin.learning.training import (  # noqa: E402
     TrainConfig,
     batch_pair_loss,
     class_targets,

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import AnalogEncoder, ModelMetadata, load_model, save_model
-from .errors import InputError, ModelError
-from .feedback import ConsoleFeedback, Feedback, check_cancelled
-from .fewshot import DEFAULT_SCALE, CosineClassifier, HeldOutSplit, SupportSet, load_labelled_folder, split_files
+from ..engine.classes import DEFAULT_SCALE, CosineClassifier
+from ..engine.encoder import AnalogEncoder, ModelMetadata, load_model, save_model
+from ..engine.errors import InputError, ModelError
+from ..engine.feedback import Feedback, check_cancelled
+from ..engine.support import SupportSet, load_labelled_folder
+from .splits import HeldOutSplit, split_files
 
 __all__ = [
     "NetworkSplit",
@@ -36,7 +38,6 @@ __all__ = [
     "adapt_cosine_classifier",
     "transfer_step1",
     "transfer_step2",
-    "register_transfer_cli",
 ]
 
 
@@ -208,8 +209,8 @@ def transfer_step1(data: str | os.PathLike, out: str | os.PathLike, parent: str 
         InputError: no data, fewer than two classes; SearchCancelled when cancelled (nothing written).
     """
     torch = _torch()
-    from .errors import OutputError
-    from .outputs import check_destination
+    from ..engine.errors import OutputError
+    from ..engine.outputs import check_destination
 
     feedback = feedback or Feedback()
     t0 = time.perf_counter()
@@ -223,8 +224,8 @@ def transfer_step1(data: str | os.PathLike, out: str | os.PathLike, parent: str 
     split = split or HeldOutSplit.load(model=encoder.path)
     rng = np.random.default_rng(seed)
     if not classes:
+        from ..engine.support import _class_folders
         from .datasets import EXCLUDED_CLASSES  # HiRISE "edge": no-data border crops teach nothing
-        from .fewshot import _class_folders
 
         classes = [c for c, _ in _class_folders(Path(data)) if c not in EXCLUDED_CLASSES] if Path(data).is_dir() \
             else None
@@ -325,8 +326,8 @@ def transfer_step2(support: str | os.PathLike | SupportSet, out: str | os.PathLi
     Raises:
         InputError: no support, fewer than two classes.
     """
-    from .errors import OutputError
-    from .outputs import check_destination
+    from ..engine.errors import OutputError
+    from ..engine.outputs import check_destination
 
     feedback = feedback or Feedback()
     t0 = time.perf_counter()
@@ -367,62 +368,7 @@ def transfer_step2(support: str | os.PathLike | SupportSet, out: str | os.PathLi
     return TransferResult(str(out), meta, [{"support_accuracy": train_acc}], seconds)
 
 
-def cmd_transfer(args) -> int:
-    feedback = ConsoleFeedback(quiet=args.quiet)
-    if args.step == 0:
-        enc = load_model(args.model, "cpu")
-        print("Step 0 is the encoder trained on the large set; nothing to do. It is:\n" + enc.describe())
-        return 0
-    if args.step == 1:
-        if not args.data:
-            raise InputError("Step 1 needs --data, a folder of labelled Mars images (<class>/*)",
-                             "e.g. --data /work/shared/data/mars/hirise_landmarks")
-        r = transfer_step1(args.data, args.out, args.model, args.classes, args.epochs, args.batch_size, args.lr,
-                           args.head_lr, args.max_per_class, args.device, args.seed, feedback,
-                           HeldOutSplit.load(args.split, args.model))
-    else:
-        if not args.support:
-            raise InputError("Step 2 needs --support, a folder of the few labelled examples (<class>/*)",
-                             "Put a few images of each landform in its own sub-folder")
-        r = transfer_step2(args.support, args.out, args.model, args.steps, args.adapt_lr, args.scale,
-                           not args.no_augment, args.device, args.seed, feedback)
-    print(f"Step {args.step} done in {r.seconds:.1f} s; wrote {r.path}")
-    return 0
 
 
-def register_transfer_cli(sub) -> None:
-    """Add the ``transfer`` command (``--step 1`` or ``--step 2``)."""
-    p = sub.add_parser("transfer", help="stepwise transfer: fine-tune on labelled Mars (1), adapt to few examples (2)",
-                       description="Stepwise deep feature transfer. Step 0 is the encoder trained on the large set "
-                                   "(--model, default the shipped one). Step 1 fine-tunes it on a labelled Mars set "
-                                   "(--data <class>/*, training scenes only) with a linear classifier head. Step 2 "
-                                   "adapts a model to a few labelled examples (--support <class>/*) with a "
-                                   "cosine-distance classifier and stores the classes in the model file.")
-    p.add_argument("--step", type=int, choices=(0, 1, 2), required=True)
-    p.add_argument("--model", default=None, help="parent model (default: the shipped model)")
-    p.add_argument("--out", help="model file to write (.pt)")
-    p.add_argument("--data", help="step 1: labelled Mars images, <class>/*")
-    p.add_argument("--classes", nargs="+", help="step 1: classes to use (default: every class folder but 'edge')")
-    p.add_argument("--epochs", type=int, default=8, help="step 1 (default: 8)")
-    p.add_argument("--batch-size", type=int, default=32, help="step 1 (default: 32)")
-    # A small encoder rate keeps what step 0 learnt; a large head rate lets the linear head keep up.
-    p.add_argument("--lr", type=float, default=1e-4, help="step 1: encoder learning rate (default: 1e-4)")
-    p.add_argument("--head-lr", type=float, default=1e-2, help="step 1: linear head learning rate (default: 1e-2)")
-    p.add_argument("--max-per-class", type=int, default=300, help="step 1: images per class at most (default: 300)")
-    p.add_argument("--split", help="step 1: split.json of held-out images, never trained on (default: the one "
-                                   "beside the shipped model, else a hash of the scene id)")
-    p.add_argument("--support", help="step 2: the few labelled examples, <class>/*")
-    p.add_argument("--steps", type=int, default=30, help="step 2: fine-tuning steps of the last layers (0 = none)")
-    p.add_argument("--adapt-lr", type=float, default=1e-3, help="step 2: learning rate (default: 1e-3)")
-    p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="step 2: cosine logit scale")
-    p.add_argument("--no-augment", action="store_true", help="step 2: no rotated/reflected copies of the examples")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_checked_transfer)
 
 
-def _checked_transfer(args) -> int:
-    if args.step in (1, 2) and not args.out:
-        raise InputError(f"Step {args.step} needs --out, the model file to write", "e.g. --out models/step1.pt")
-    return cmd_transfer(args)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .imagery import GreyReader, list_images, load_image_patch
+from ..engine.errors import InputError
+from ..engine.imagery import GreyReader, list_images, load_image_patch
 
 __all__ = [
     "ANALOG_PAIRS",
@@ -151,7 +151,7 @@ def _labelled_folder(folder: Path, planet: str, source: str, exclude: Sequence[s
 
 def dune_scene_windows(path: str | os.PathLike, side: int, stride: int) -> list[tuple[int, int, int]]:
     """Square windows ``(col, row, side)`` tiling a scene with the given stride (no partial windows)."""
-    from .imagery import describe_raster
+    from ..engine.imagery import describe_raster
 
     info = describe_raster(path)
     cols = range(0, info.width - side + 1, stride)
@@ -528,3 +528,9 @@ def split_record(dataset: Dataset, held_out: Sequence[bool], seed: int, test_fra
 
 def records_to_json(records: Sequence[ImageRecord]) -> str:
     return json.dumps([asdict(r) for r in records])
+
+
+def default_cache_dir() -> Path:
+    """Where decoded patches are cached between runs (``$XDG_CACHE_HOME/siamese_analog_finder``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "siamese_analog_finder"

@@ -17,11 +17,11 @@ from osgeo import ogr
 from PIL import Image
 from shapely.geometry import Polygon
 
-from siamese_analog_plugin.core.errors import SearchCancelled
-from siamese_analog_plugin.core.feedback import Feedback
-from siamese_analog_plugin.core.grid import Area
-from siamese_analog_plugin.core.outputs import NODATA, RasterStream, ResultStream, atomic_outputs
-from siamese_analog_plugin.core.search import SearchParams, plan_grid, run_search, write_outputs
+from siamese_analog_plugin.engine.errors import SearchCancelled
+from siamese_analog_plugin.engine.feedback import Feedback
+from siamese_analog_plugin.engine.grid import Area
+from siamese_analog_plugin.engine.outputs import NODATA, RasterStream, ResultStream, atomic_outputs
+from siamese_analog_plugin.engine.search import SearchParams, plan_grid, run_search, write_outputs
 
 from .conftest import smooth_noise, write_raster
 

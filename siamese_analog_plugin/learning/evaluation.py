@@ -17,7 +17,6 @@ the hand-made texture descriptor of :mod:`.texture`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.errors import InputError
 from .datasets import (
     Dataset,
     PairTable,
@@ -34,7 +34,6 @@ from .datasets import (
     sample_pairs,
     split_by_scene,
 )
-from .errors import InputError
 
 __all__ = [
     "average_precision",
@@ -48,7 +47,6 @@ __all__ = [
     "score_embeddings",
     "evaluate_model",
     "format_table",
-    "register_cli",
 ]
 
 METRICS = ("cross_dune_map", "earth_to_mars_map", "mars_map", "earth_map", "pair_accuracy", "roc_auc")
@@ -248,7 +246,7 @@ def embed_with_network(network, patches_u8: np.ndarray, normalisation: dict, dev
     """Embed uint8 patches with a bare network (eval mode), normalised as the model file says."""
     import torch
 
-    from .encoder import normalise_patches
+    from ..engine.encoder import normalise_patches
 
     device = device or torch.device("cpu")
     was_training = network.training
@@ -276,7 +274,7 @@ def evaluate_model(model_path: str | None, data_root: str | None = None, seed: i
     """
     import torch
 
-    from .encoder import build_network, load_model
+    from ..engine.encoder import build_network, load_model
     from .texture import texture_descriptor
 
     encoder = load_model(model_path, device)
@@ -335,76 +333,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .feedback import ConsoleFeedback
-
-    fb = ConsoleFeedback(quiet=args.quiet)
-    results = evaluate_model(args.model or None, args.data, args.seed, args.test_fraction,
-                             baselines=not args.no_baselines, device=args.device,
-                             cache_dir=None if args.no_cache else args.cache_dir, feedback=fb)
-    info = results["_info"]
-    print(f"held-out images: {info['held_out_images']} (seed {info['seed']}, "
-          f"test fraction {info['test_fraction']})")
-    print(format_table(results))
-    if args.fewshot:
-        results["fewshot"] = _fewshot_section(args, info["seed"], info["test_fraction"], fb)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True))
-    return 0
 
 
-def _fewshot_section(args: argparse.Namespace, seed: int, test_fraction: float, feedback) -> dict:
-    """The k-shot part of ``evaluate --fewshot``: HiRISE classes and AID's 30 classes, on the
-    held-out images of the same split as the retrieval numbers."""
-    from .fewshot import HIRISE_CLASSES, HeldOutSplit, evaluate_fewshot, parse_transfer_models, results_table
-
-    root = Path(args.data)
-    dataset = discover_dataset(root)
-    held = split_by_scene(dataset.records, seed, test_fraction)
-    split = HeldOutSplit({str(Path(r.path).resolve()) for r, h in zip(dataset.records, held) if h},
-                         f"the evaluate split (seed {seed}, test fraction {test_fraction})")
-    datasets = {name: (str(folder), classes) for name, folder, classes in (
-        ("HiRISE", root / "mars" / "hirise_landmarks", list(HIRISE_CLASSES)), ("AID", root / "earth" / "aid", None))
-        if folder.is_dir()}
-    if not datasets:
-        raise InputError(f"No HiRISE or AID folder under '{root}' for --fewshot",
-                         "Give --data the shared data folder (mars/hirise_landmarks, earth/aid)")
-    models = {"encoder": args.model or None}
-    if args.transfer_model:
-        models["stepwise transfer"] = parse_transfer_models(args.transfer_model, list(datasets))
-    report = evaluate_fewshot(datasets, models, tuple(args.shots), args.draws, adapt_steps=args.adapt_steps,
-                              device="cpu" if args.device == "auto" else args.device, feedback=feedback,
-                              split=split)
-    print()
-    print(results_table(report))
-    return report
 
 
-def register_cli(subparsers) -> None:
-    """Add the ``evaluate`` subcommand to the command line."""
-    from .training import default_cache_dir
-
-    p = subparsers.add_parser("evaluate", help="Evaluate a model on the held-out split, with baselines",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="", help="model file (default: the shipped model)")
-    p.add_argument("--data", default=str(default_data_root()), help="data folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="split seed (default: the one in the model file)")
-    p.add_argument("--test-fraction", type=float, default=None, help="held-out share (default: from the model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-baselines", action="store_true", help="skip the untrained and texture baselines")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="decoded-patch cache (default: %(default)s)")
-    p.add_argument("--no-cache", action="store_true", help="decode images without a cache")
-    p.add_argument("--fewshot", action="store_true",
-                   help="also the k-shot accuracy of the cosine classifier (HiRISE and AID held-out images, "
-                        "texture baseline beside it; the same as evaluate-fewshot)")
-    p.add_argument("--transfer-model", nargs="+", default=None,
-                   help="with --fewshot: also score the stepwise-transfer model (transfer --step 1): one FILE for "
-                        "both datasets, or HiRISE=FILE AID=FILE")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="with --fewshot: k values")
-    p.add_argument("--draws", type=int, default=10, help="with --fewshot: random support draws per k")
-    p.add_argument("--adapt-steps", type=int, default=0,
-                   help="with --fewshot: also score step-2 fine-tuning on each support draw for this many steps")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=_cmd_evaluate)
 

@@ -9,7 +9,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from siamese_analog_plugin.core.imagery import GreyReader
+from siamese_analog_plugin.engine.imagery import GreyReader
 
 from .conftest import write_raster
 
@@ -111,7 +111,7 @@ def test_stretch_equals_numpy_clip_whether_or_not_values_leave_the_range(tmp_pat
 def test_box_taps_are_the_exact_area_weights():
     """Each output pixel's taps are the share of its box each source pixel covers (random
     offsets, sizes and shrink factors), with the taps no pixel needs left out."""
-    from siamese_analog_plugin.core.imagery import _box_taps
+    from siamese_analog_plugin.engine.imagery import _box_taps
 
     rng = np.random.default_rng(0)
     for _ in range(300):

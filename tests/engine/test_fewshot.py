@@ -3,7 +3,6 @@ area mapping and the k-shot evaluation, on real files and a real (tiny) torch mo
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
@@ -12,25 +11,20 @@ import pytest
 from affine import Affine
 from shapely.geometry import Point, box
 
-from siamese_analog_plugin.core.errors import InputError, OutputError
-from siamese_analog_plugin.core.fewshot import (
-    CLASS_NODATA,
-    CosineClassifier,
-    FewShotParams,
-    HeldOutSplit,
+from siamese_analog_plugin.cli import build_parser
+from siamese_analog_plugin.engine.classes import CosineClassifier, class_colours
+from siamese_analog_plugin.engine.classify import classify_folder
+from siamese_analog_plugin.engine.errors import InputError, OutputError
+from siamese_analog_plugin.engine.landforms import CLASS_NODATA, FewShotParams, run_fewshot_map
+from siamese_analog_plugin.engine.support import (
     LabelledFeatures,
     SupportSet,
-    class_colours,
-    classify_folder,
-    evaluate_fewshot,
     load_labelled_folder,
-    parse_transfer_models,
     read_labelled_features,
-    register_cli,
-    run_fewshot_map,
-    split_files,
     support_from_features,
 )
+from siamese_analog_plugin.learning.fewshot_eval import evaluate_fewshot, parse_transfer_models
+from siamese_analog_plugin.learning.splits import HeldOutSplit, split_files
 
 from .conftest import write_raster
 
@@ -143,8 +137,7 @@ class TestLabelledFolder:
 
 # -- the fewshot command --------------------------------------------------------------------------
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import siamese_analog_plugin.core  # noqa: F401  (sets PROJ_DATA before pyproj loads in tests)
+import siamese_analog_plugin.engine  # noqa: F401  (sets PROJ_DATA before pyproj loads in tests)
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_RASTER = REPO / "resources" / "earth" / "landsat_bahamas_rgb_300m.tif"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["register_cli", "make_bench_raster", "make_bench_model", "peak_rss_mb", "run_benchmark"]
+__all__ = ["make_bench_raster", "make_bench_model", "peak_rss_mb", "run_benchmark"]
 
 PIXEL_M = 30.0
 RESAMPLED_FACTOR = 1.5  # cells of the resampled run, in encoder patches
@@ -263,7 +263,7 @@ def _rss_run(cells: int, cell_px: int, model: str, device: str, batch_size: int,
     folder = work / f"rss_{cells}"
     folder.mkdir(exist_ok=True)
     raster = make_bench_raster(folder / "area.tif", side, cell_px, bands=1, seed=cells)
-    cmd = [sys.executable, "-m", "siamese_analog_plugin.core.benchmark", "rss-child", "--raster", raster,
+    cmd = [sys.executable, "-m", "siamese_analog_plugin.engine.benchmark", "rss-child", "--raster", raster,
            "--reference", refs[0], "--requery-reference", refs[1], "--model", model, "--out", str(folder),
            "--cache", str(folder / "cache"), "--device", device, "--cell-size", str(cell_px * PIXEL_M),
            "--batch-size", str(batch_size)]
@@ -400,41 +400,8 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             tmp.cleanup()
 
 
-# -- command line ------------------------------------------------------------------------
-def register_cli(subparsers) -> None:
-    """Add the ``bench`` sub-command."""
-    p = subparsers.add_parser("bench", help="measure the search's speed and memory",
-                              description="Make large rasters and measure: end-to-end cells/s vs the encoder alone, "
-                                          "vs a naive loop, peak memory at three area sizes, cached re-query time. "
-                                          "The last line printed is a JSON object of the figures.")
-    p.add_argument("--cells", type=int,
-                   help="cells of the speed run (default 16384: seconds of search, so its fixed costs weigh little; "
-                        "--quick: 144)")
-    p.add_argument("--rss-cells", help="comma-separated area sizes for memory (default 1000,10000,100000)")
-    p.add_argument("--model", default=None,
-                   help="shipped (default; an untrained network of its architecture when absent), untrained, tiny "
-                        "or a model file")
-    p.add_argument("--rss-model", default="auto",
-                   help="model of the memory runs: auto (the model when fast enough, else tiny), or as --model")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--naive-seconds", type=float, help="time given to the naive loop (default 20; --quick: 2)")
-    p.add_argument("--workdir", help="keep the rasters and outputs here (default: a temporary folder)")
-    p.add_argument("--quick", action="store_true", help="small sizes and the tiny model: a smoke run of seconds")
-    p.set_defaults(func=cmd_bench)
 
 
-def cmd_bench(args) -> int:
-    quick = args.quick
-    cells = args.cells or (144 if quick else 16384)
-    rss = tuple(int(v) for v in args.rss_cells.split(",")) if args.rss_cells else \
-        ((100, 400, 1600) if quick else (1000, 10000, 100000))
-    model = args.model or ("tiny" if quick else "shipped")
-    naive = args.naive_seconds if args.naive_seconds is not None else (2.0 if quick else 20.0)
-    figures = run_benchmark(cells, rss, model, args.rss_model, args.device, args.batch_size, naive, args.workdir,
-                            log=lambda m: print(m, flush=True))
-    print(json.dumps(figures))
-    return 0
 
 
 if __name__ == "__main__":  # the memory runs' subprocess

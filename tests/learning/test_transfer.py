@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
 
-from siamese_analog_plugin.core.encoder import load_model
-from siamese_analog_plugin.core.errors import InputError, SearchCancelled
-from siamese_analog_plugin.core.feedback import Feedback
-from siamese_analog_plugin.core.fewshot import (
-    CosineClassifier,
-    HeldOutSplit,
-    classify_folder,
-    load_labelled_folder,
-    register_cli,
-)
-from siamese_analog_plugin.core.transfer import (
+from siamese_analog_plugin.cli import build_parser
+from siamese_analog_plugin.engine.classes import CosineClassifier
+from siamese_analog_plugin.engine.classify import classify_folder
+from siamese_analog_plugin.engine.encoder import load_model
+from siamese_analog_plugin.engine.errors import InputError, SearchCancelled
+from siamese_analog_plugin.engine.feedback import Feedback
+from siamese_analog_plugin.engine.support import load_labelled_folder
+from siamese_analog_plugin.learning.splits import HeldOutSplit
+from siamese_analog_plugin.learning.transfer import (
     adapt_cosine_classifier,
     dihedral,
     split_network,
@@ -26,7 +22,7 @@ from siamese_analog_plugin.core.transfer import (
     transfer_step2,
 )
 
-from .test_fewshot import make_class_folder
+from ..engine.test_fewshot import make_class_folder
 
 
 @pytest.fixture()
@@ -131,8 +127,7 @@ class TestStep2:
 
 
 def test_transfer_command_needs_its_inputs(tiny_model, tmp_path):
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["transfer", "--step", "2", "--model", tiny_model, "--out", str(tmp_path / "x.pt")])
     with pytest.raises(InputError, match="--support"):
         args.func(args)

@@ -7,9 +7,9 @@ import pytest
 from pyproj import Geod, Transformer
 from shapely.geometry import Point, box
 
-from siamese_analog_plugin.core.errors import InputError
-from siamese_analog_plugin.core.grid import Area, build_grid, estimate_cell_count
-from siamese_analog_plugin.core.imagery import describe_raster
+from siamese_analog_plugin.engine.errors import InputError
+from siamese_analog_plugin.engine.grid import Area, build_grid, estimate_cell_count
+from siamese_analog_plugin.engine.imagery import describe_raster
 
 
 class TestProjectedGrid:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from siamese_analog_plugin.core.cache import EmbeddingCache
-from siamese_analog_plugin.core.errors import OutputError, SearchCancelled
-from siamese_analog_plugin.core.feedback import Feedback
-from siamese_analog_plugin.core.imagery import GreyReader
-from siamese_analog_plugin.core.search import SearchParams, run_search
+from siamese_analog_plugin.engine.cache import EmbeddingCache
+from siamese_analog_plugin.engine.errors import OutputError, SearchCancelled
+from siamese_analog_plugin.engine.feedback import Feedback
+from siamese_analog_plugin.engine.imagery import GreyReader
+from siamese_analog_plugin.engine.search import SearchParams, run_search
 
 from .conftest import SAMPLE_HIRISE, SAMPLE_REFERENCE, smooth_noise, write_raster
 
@@ -87,7 +87,7 @@ class TestCache:
     def test_another_model_misses(self, area, tiny_model, tmp_path):
         import torch
 
-        from siamese_analog_plugin.core.encoder import ModelMetadata, build_network, save_model
+        from siamese_analog_plugin.engine.encoder import ModelMetadata, build_network, save_model
 
         torch.manual_seed(1)
         other = tmp_path / "other.pt"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from siamese_analog_plugin.core.search import SearchParams, iter_patch_batches, plan_grid
+from siamese_analog_plugin.engine.search import SearchParams, iter_patch_batches, plan_grid
 
 from .conftest import smooth_noise, write_raster
 
@@ -42,7 +42,7 @@ def test_memory_stays_flat_over_many_batches_and_reader_reopens(tmp_path):
 def test_cache_entries_are_appended_batch_by_batch_in_cell_order(tmp_path):
     """The embedding cache writes each batch to its file as it comes (NaN rows for cells that
     were not encoded) instead of holding a map of the whole entry."""
-    from siamese_analog_plugin.core.cache import EmbeddingCache
+    from siamese_analog_plugin.engine.cache import EmbeddingCache
 
     cache = EmbeddingCache(tmp_path / "cache")
     rng = np.random.default_rng(3)
@@ -74,7 +74,7 @@ def test_readers_reopen_when_their_strips_leave_the_blocks_they_cached(tmp_path,
     again. The batches are those read without reopening."""
     import rasterio
 
-    from siamese_analog_plugin.core.imagery import GreyReader
+    from siamese_analog_plugin.engine.imagery import GreyReader
 
     path = str(tmp_path / "tiled.tif")
     grey = np.maximum(smooth_noise((512, 512), seed=3), 1)

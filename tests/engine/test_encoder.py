@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from siamese_analog_plugin.core.devices import resolve_device
-from siamese_analog_plugin.core.encoder import (
+from siamese_analog_plugin.engine.devices import resolve_device
+from siamese_analog_plugin.engine.encoder import (
     CPU_CHUNK,
     AnalogEncoder,
     ModelMetadata,
@@ -19,7 +19,7 @@ from siamese_analog_plugin.core.encoder import (
     normalise_patches,
     save_model,
 )
-from siamese_analog_plugin.core.errors import InputError, ModelError
+from siamese_analog_plugin.engine.errors import InputError, ModelError
 
 
 class TestPaperNetwork:
@@ -235,7 +235,7 @@ class TestInferenceNetwork:
     def test_fast_pooling_and_statistics_give_torchs_values(self, shape):
         """The inference copy's 2 x 2 max pooling is torch's to the bit (odd sizes too), and the
         pooled mean and standard deviation are torch's to ~1e-6."""
-        from siamese_analog_plugin.core.encoder import _max_pool_2x2_class, _mean_std
+        from siamese_analog_plugin.engine.encoder import _max_pool_2x2_class, _mean_std
 
         x = torch.relu(torch.randn(*shape)).contiguous(memory_format=torch.channels_last)
         assert torch.equal(_max_pool_2x2_class()()(x), torch.nn.functional.max_pool2d(x, 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from siamese_analog_plugin.core.evaluation import (
+from siamese_analog_plugin.learning.evaluation import (
     average_precision,
     best_threshold,
     format_table,
@@ -14,7 +14,7 @@ from siamese_analog_plugin.core.evaluation import (
     retrieval_tasks,
     roc_auc,
 )
-from siamese_analog_plugin.core.texture import texture_descriptor
+from siamese_analog_plugin.learning.texture import texture_descriptor
 
 
 class TestAveragePrecision:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from siamese_analog_plugin.core.errors import InputError
-from siamese_analog_plugin.core.imagery import GreyReader, describe_raster, load_references
+from siamese_analog_plugin.engine.errors import InputError
+from siamese_analog_plugin.engine.imagery import GreyReader, describe_raster, load_references
 
 from .conftest import SAMPLE_HIRISE, SAMPLE_REFERENCE, write_raster
 
@@ -64,7 +64,7 @@ def test_invalid_pixels_take_the_valid_mean_so_no_edge_is_drawn(tmp_path):
     assert valid == pytest.approx(0.5) and valid_out == 0.0
     assert np.allclose(patch[:, 10:], patch[:, :10].mean(), atol=1e-6)
     # After per-patch normalisation the filled half is at 0: no step at the border of the data.
-    from siamese_analog_plugin.core.encoder import normalise_patches
+    from siamese_analog_plugin.engine.encoder import normalise_patches
 
     assert np.allclose(normalise_patches(patch[None], {"mode": "per_patch"})[0][:, 10:], 0.0, atol=1e-5)
     assert np.all(outside == 0.5)  # nothing valid: mid grey

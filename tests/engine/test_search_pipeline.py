@@ -17,12 +17,12 @@ from affine import Affine
 from osgeo import ogr, osr
 from rasterio.windows import from_bounds
 
-from siamese_analog_plugin.core import outputs
-from siamese_analog_plugin.core.encoder import load_model
-from siamese_analog_plugin.core.feedback import Feedback
-from siamese_analog_plugin.core.grid import Area
-from siamese_analog_plugin.core.imagery import GreyReader
-from siamese_analog_plugin.core.search import SearchParams, iter_patch_batches, plan_grid, plan_reads, run_search
+from siamese_analog_plugin.engine import outputs
+from siamese_analog_plugin.engine.encoder import load_model
+from siamese_analog_plugin.engine.feedback import Feedback
+from siamese_analog_plugin.engine.grid import Area
+from siamese_analog_plugin.engine.imagery import GreyReader
+from siamese_analog_plugin.engine.search import SearchParams, iter_patch_batches, plan_grid, plan_reads, run_search
 
 from .conftest import SAMPLE_RASTER, SAMPLE_REFERENCE, smooth_noise, write_raster
 
@@ -142,7 +142,7 @@ class TestReads:
         area with a gap in the middle of its rows): the same patches, fewer pixels held."""
         from shapely.geometry import box
 
-        from siamese_analog_plugin.core import search
+        from siamese_analog_plugin.engine import search
 
         grey = np.maximum(smooth_noise((300, 900), seed=4), 2)
         raster = write_raster(tmp_path / "w.tif", grey, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000))
@@ -167,7 +167,7 @@ class TestReads:
             assert np.array_equal(x, y)
 
     def test_cells_too_large_for_a_strip_read_are_read_by_gdal(self, area_raster, monkeypatch):
-        from siamese_analog_plugin.core import search
+        from siamese_analog_plugin.engine import search
 
         info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1500))
         assert plan_reads(info, grid, 100).mode == "rows"
@@ -242,7 +242,7 @@ class TestReads:
 def test_reader_threads_follow_the_cores(monkeypatch, cores, cpu, gpu):
     """Half the cores up to 8: one reader on two cores (a second only contends with the encoder
     there), at least two to feed a GPU."""
-    from siamese_analog_plugin.core import search
+    from siamese_analog_plugin.engine import search
 
     monkeypatch.setattr(search.os, "cpu_count", lambda: cores)
     assert (search.default_reader_threads("cpu"), search.default_reader_threads("cuda")) == (cpu, gpu)
@@ -408,8 +408,8 @@ def test_sql_cell_writer_writes_the_file_ogr_writes(tmp_path, monkeypatch, index
 @pytest.mark.parametrize("normalisation", [{"mode": "per_patch"}, {"mode": "global", "mean": 0.41, "std": 0.2}])
 def test_in_place_normalisation_is_the_encoders_to_the_bit(normalisation):
     """The pipeline normalises each batch in its own array; the values are normalise_patches' own."""
-    from siamese_analog_plugin.core.encoder import normalise_patches
-    from siamese_analog_plugin.core.search import normalise_in_place
+    from siamese_analog_plugin.engine.encoder import normalise_patches
+    from siamese_analog_plugin.engine.search import normalise_in_place
 
     rng = np.random.default_rng(0)
     for n in (1, 7, 8, 9, 130):

@@ -1,7 +1,7 @@
 """Command line over the engine: ``python -m siamese_analog_plugin <command> ...``.
 
-Commands: ``search``, ``embed``, ``info`` here; other modules add theirs (``train``,
-``evaluate``, ...) through a ``register_cli(subparsers)`` function.
+Every command is registered here, in :data:`COMMANDS`: the engine's (``search``, ``embed``,
+``info``, ...) in this module, the others in the modules of this package beside it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .core.errors import AnalogFinderError
+from .. import __version__
+from ..engine.errors import AnalogFinderError
 
-# Modules that add sub-commands when present.
-EXTENSION_MODULES = (
-    "siamese_analog_plugin.core.training",
-    "siamese_analog_plugin.core.evaluation",
-    "siamese_analog_plugin.core.fewshot",
-    "siamese_analog_plugin.core.benchmark",
+# Every command of the command line, in the order ``--help`` lists them: (module of this
+# package, function that adds its parser(s)). "" is this module.
+COMMANDS = (
+    ("", "_search_parser"),
+    ("", "_embed_parser"),
+    ("", "_info_parser"),
+    ("landforms", "register"),
+    ("learning", "register_train"),
+    ("learning", "register_evaluate"),
+    ("learning", "register_transfer"),
+    ("bench", "register"),
 )
 
 
@@ -67,9 +72,9 @@ def _search_parser(sub) -> None:
 
 
 def cmd_search(args) -> int:
-    from .core.feedback import ConsoleFeedback
-    from .core.search import SearchParams, run_search
-    from .core.vector import read_area
+    from ..engine.feedback import ConsoleFeedback
+    from ..engine.search import SearchParams, run_search
+    from ..engine.vector import read_area
 
     feedback = ConsoleFeedback(quiet=args.quiet)
     area = read_area(args.area, args.area_layer) if args.area else None
@@ -80,7 +85,7 @@ def cmd_search(args) -> int:
         batch_size=args.batch_size, aggregate=args.aggregate, max_cells=args.max_cells, force=args.force,
         top_k=args.top, cache_dir=args.cache, amp=args.amp)
     if args.out_png:
-        from .core.outputs import check_destination
+        from ..engine.outputs import check_destination
 
         check_destination(args.out_png, "picture")
     result = run_search(params, args.out_raster, args.out_cells, feedback)
@@ -96,7 +101,7 @@ def cmd_search(args) -> int:
                   f"{s['lon']:>12.6f} {s['lat']:>11.6f}  {s['reference']}")
     print(f"\nWrote {args.out_raster} and {args.out_cells}")
     if args.out_png:
-        from .core.figures import render_search_png
+        from ..engine.figures import render_search_png
 
         render_search_png(result, args.raster, args.out_png, top=min(args.top, 5))
         print(f"Wrote {args.out_png}")
@@ -117,9 +122,9 @@ def _embed_parser(sub) -> None:
 def cmd_embed(args) -> int:
     import numpy as np
 
-    from .core.embedding import embed_folder
-    from .core.feedback import ConsoleFeedback
-    from .core.outputs import atomic_outputs, check_destination
+    from ..engine.feedback import ConsoleFeedback
+    from ..engine.image_embeddings import embed_folder
+    from ..engine.outputs import atomic_outputs, check_destination
 
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
     check_destination(out, "output file")
@@ -139,8 +144,8 @@ def _info_parser(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from .core.devices import available_devices
-    from .core.encoder import default_model_path, load_model
+    from ..engine.devices import available_devices
+    from ..engine.encoder import default_model_path, load_model
 
     print(f"Siamese Analog Finder {__version__}")
     print(f"devices available: {', '.join(available_devices())}")
@@ -161,18 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "this patch of Mars?")
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _search_parser(sub)
-    _embed_parser(sub)
-    _info_parser(sub)
-    for name in EXTENSION_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that feature is not installed; anything else is a real error
-                continue
-            raise
-        if hasattr(module, "register_cli"):
-            module.register_cli(sub)
+    for module, function in COMMANDS:
+        owner = importlib.import_module(f"{__name__}.{module}") if module else sys.modules[__name__]
+        getattr(owner, function)(sub)
     return parser
 
 

@@ -19,7 +19,6 @@ the epoch number, so a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.errors import InputError
 from .datasets import (
     PairTable,
     augment_batch,
@@ -41,7 +41,6 @@ from .datasets import (
     split_by_scene,
     split_record,
 )
-from .errors import InputError
 
 __all__ = [
     "TrainConfig",
@@ -50,17 +49,11 @@ __all__ = [
     "proxy_class_loss",
     "train",
     "state_path_for",
-    "default_cache_dir",
-    "register_cli",
 ]
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "models" / "siamese_compact.pt"
 
 
-def default_cache_dir() -> Path:
-    """Where decoded patches are cached between runs (``$XDG_CACHE_HOME/siamese_analog_finder``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "siamese_analog_finder"
 
 
 def state_path_for(out: str | os.PathLike) -> Path:
@@ -207,7 +200,7 @@ def _arch_params(config: TrainConfig) -> tuple[dict, int]:
     if config.arch == "compact":
         dim = config.embedding_dim or 32
         # Record every parameter in the model file, so later changes of defaults never break it.
-        from .encoder import COMPACT_DEFAULTS
+        from ..engine.encoder import COMPACT_DEFAULTS
 
         for key, value in COMPACT_DEFAULTS.items():
             params.setdefault(key, list(value) if isinstance(value, tuple) else value)
@@ -251,10 +244,10 @@ def train(config: TrainConfig, feedback=None) -> dict:
     """
     import torch
 
-    from .devices import resolve_device
-    from .encoder import ModelMetadata, build_network, save_model
+    from ..engine.devices import resolve_device
+    from ..engine.encoder import ModelMetadata, build_network, save_model
+    from ..engine.feedback import Feedback
     from .evaluation import build_eval_data, embed_with_network, score_embeddings
-    from .feedback import Feedback
 
     fb = feedback or Feedback()
     t_start = time.monotonic()
@@ -404,56 +397,5 @@ def train(config: TrainConfig, feedback=None) -> dict:
 
 # -- command line --------------------------------------------------------------------------------
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .feedback import ConsoleFeedback
-
-    config = TrainConfig(
-        data=args.data, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, margin=args.margin, seed=args.seed, device=args.device,
-        out=args.out or str(DEFAULT_OUT if args.arch == "compact" else DEFAULT_OUT.with_name("siamese_paper.pt")),
-        resume=args.resume or None, augment=args.augment, pairs_per_epoch=args.pairs_per_epoch,
-        embedding_dim=args.embedding_dim, test_fraction=args.test_fraction, schedule=args.schedule,
-        cache_dir=None if args.no_cache else args.cache_dir, threads=args.threads,
-        class_loss=args.class_loss, class_scale=args.class_scale, class_targets=args.class_targets,
-        arch_params={"pooling": args.pooling} if args.pooling else {})
-    train(config, ConsoleFeedback(quiet=args.quiet))
-    return 0
 
 
-def register_cli(subparsers) -> None:
-    """Add the ``train`` subcommand to the command line."""
-    p = subparsers.add_parser("train", help="Train a Siamese encoder on labelled image folders",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainConfig()
-    p.add_argument("--data", default=d.data, help="data folder (default: %(default)s)")
-    p.add_argument("--arch", choices=("compact", "paper"), default="compact",
-                   help="compact (shipped default) or paper (the published 40 M-parameter network)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default %(default)s; the paper ran 300)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="labelled pairs per batch")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam weight decay")
-    p.add_argument("--margin", type=float, default=d.margin, help="contrastive margin")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split, initialisation and draws")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--out", default="", help="model file to write (default: models/siamese_compact.pt)")
-    p.add_argument("--resume", default="", help="continue from a training-state file (OUT.state.pt)")
-    p.add_argument("--augment", type=int, default=d.augment,
-                   help="augmented views of each training image over the run (the paper's x10)")
-    p.add_argument("--pairs-per-epoch", type=int, default=None,
-                   help="epoch length in pairs (default: augment x training images / (2 x epochs); "
-                        "the shipped model used 5120)")
-    p.add_argument("--embedding-dim", type=int, default=None, help="embedding size (default: 32 compact, 5 paper)")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share (default 0.1)")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule, help="learning-rate schedule")
-    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="decoded-patch cache (default: %(default)s)")
-    p.add_argument("--no-cache", action="store_true", help="decode images without a disk cache")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
-    p.add_argument("--pooling", choices=("meanstd", "center"), default=None,
-                   help="compact network pooling (default: the architecture default)")
-    p.add_argument("--class-loss", type=float, default=d.class_loss,
-                   help="weight of the auxiliary cosine-proxy class loss (0: contrastive only)")
-    p.add_argument("--class-scale", type=float, default=d.class_scale, help="logit scale of the class loss")
-    p.add_argument("--class-targets", choices=("all", "non_analog"), default=d.class_targets,
-                   help="groups scored by the class loss: all, or only those without a cross-group analog")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=_cmd_train)

@@ -1,0 +1,45 @@
+"""Command line: ``bench``."""
+
+from __future__ import annotations
+
+import json
+
+from ..engine.benchmark import run_benchmark
+
+
+def register(subparsers) -> None:
+    """Add the ``bench`` sub-command."""
+    p = subparsers.add_parser("bench", help="measure the search's speed and memory",
+                              description="Make large rasters and measure: end-to-end cells/s vs the encoder alone, "
+                                          "vs a naive loop, peak memory at three area sizes, cached re-query time. "
+                                          "The last line printed is a JSON object of the figures.")
+    p.add_argument("--cells", type=int,
+                   help="cells of the speed run (default 16384: seconds of search, so its fixed costs weigh little; "
+                        "--quick: 144)")
+    p.add_argument("--rss-cells", help="comma-separated area sizes for memory (default 1000,10000,100000)")
+    p.add_argument("--model", default=None,
+                   help="shipped (default; an untrained network of its architecture when absent), untrained, tiny "
+                        "or a model file")
+    p.add_argument("--rss-model", default="auto",
+                   help="model of the memory runs: auto (the model when fast enough, else tiny), or as --model")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--naive-seconds", type=float, help="time given to the naive loop (default 20; --quick: 2)")
+    p.add_argument("--workdir", help="keep the rasters and outputs here (default: a temporary folder)")
+    p.add_argument("--quick", action="store_true", help="small sizes and the tiny model: a smoke run of seconds")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    quick = args.quick
+    cells = args.cells or (144 if quick else 16384)
+    rss = tuple(int(v) for v in args.rss_cells.split(",")) if args.rss_cells else \
+        ((100, 400, 1600) if quick else (1000, 10000, 100000))
+    model = args.model or ("tiny" if quick else "shipped")
+    naive = args.naive_seconds if args.naive_seconds is not None else (2.0 if quick else 20.0)
+    figures = run_benchmark(cells, rss, model, args.rss_model, args.device, args.batch_size, naive, args.workdir,
+                            log=lambda m: print(m, flush=True))
+    print(json.dumps(figures))
+    return 0
+
+

@@ -1,0 +1,1 @@
+"""Learning: networks' training data, pairs, training, evaluation, stepwise transfer. Needs torch."""
