@@ -400,7 +400,7 @@ class CellLayerWriter:
         values = {**_grid_columns(self._grid, index), **columns}
         names = [n for n, _ in self._fields if n in values]
         layer = ds.CreateLayer(SITES_LAYER, self._srs, ogr.wkbPoint, options=["FID=fid"])
-        for name, kind in CELL_FIELDS:
+        for name, kind in self._fields:
             if name in values:
                 layer.CreateField(ogr.FieldDefn(name, self._types[kind]))
         cx, cy = self._grid.centres(index)

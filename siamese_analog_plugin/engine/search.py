@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import CachedEmbeddings, CacheWriter, EmbeddingCache, cache_key, model_fingerprint
+from .embeddings import EmbeddingCache, EmbeddingRaster, EmbeddingRasterWriter, embedding_facts, quantise
 from .encoder import AnalogEncoder, load_model, normalise_in_place
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
@@ -45,6 +46,7 @@ from .outputs import (
     write_cells_gpkg,
     write_dissimilarity_raster,
 )
+from .queries import ReferenceQuery, reference_columns
 
 __all__ = [
     "AGGREGATES",
@@ -90,9 +92,12 @@ class SearchParams:
             ``mean`` (distance to their mean embedding).
         max_cells / force: the absurd-count guard.
         top_k: how many best sites to list.
-        cache_dir: folder of the embedding cache (``None``: no cache). A search of an area
-            already searched with the same raster, grid, band and model then only computes
-            distances.
+        cache_dir: folder of the embedding cache (``None``: no cache): embedding rasters kept
+            under a key. A search of an area already searched with the same raster, grid, band
+            and model then only computes distances.
+        embeddings: an embedding raster (:mod:`.embeddings`) to query instead of encoding: the
+            grid, raster and model come from it (any given must match it).
+        keep_embeddings: also write the embeddings computed on the way to this embedding raster.
         reader_threads: threads reading the raster (``None``: :func:`default_reader_threads`).
         amp: on CUDA, encode in mixed precision (bfloat16, else float16). Dissimilarities then
             differ from float32 by up to ~0.03 (embeddings are unit vectors, distances in
@@ -122,6 +127,8 @@ class SearchParams:
     force: bool = False
     top_k: int = 10
     cache_dir: str | None = None
+    embeddings: str | None = None
+    keep_embeddings: str | None = None
     reader_threads: int | None = None
     amp: bool = False
     torch_threads: int | None = None
@@ -144,6 +151,7 @@ class SearchResult:
     seconds: float
     encode_seconds: float
     extra: dict = field(default_factory=dict)
+    per_reference: np.ndarray | None = None  # (N, R) float32 with several references, else None
 
     @property
     def scored(self) -> np.ndarray:
@@ -171,7 +179,8 @@ class SearchResult:
     def columns(self, index=slice(None)) -> dict[str, np.ndarray]:
         """Per-cell attribute columns for the cell layer (of the cells ``index``; default all)."""
         return cell_columns(self.dissimilarity, self.valid_fraction, self.nearest_reference,
-                            reference_names(self.references), index, self.rank, self.percentile)
+                            reference_names(self.references), index, self.rank, self.percentile,
+                            self.per_reference)
 
 
 def reference_names(references: list[ReferenceImage]) -> np.ndarray:
@@ -181,11 +190,16 @@ def reference_names(references: list[ReferenceImage]) -> np.ndarray:
 
 def cell_columns(dissimilarity: np.ndarray, valid_fraction: np.ndarray, nearest: np.ndarray, names: np.ndarray,
                  index=slice(None), rank: np.ndarray | None = None,
-                 percentile: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 percentile: np.ndarray | None = None,
+                 per_reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Cell-layer columns of the cells ``index``; without ``rank`` and ``percentile`` (unknown
-    until every cell is scored) they are 0 and NaN, as for cells that are not scored."""
+    until every cell is scored) they are 0 and NaN, as for cells that are not scored. With
+    several references, ``per_reference`` adds each one's own dissimilarity (``d_<name>``)."""
     d = dissimilarity[index]
-    return {"dissimilarity": d,
+    extra = {}
+    if per_reference is not None:
+        extra = {col: per_reference[index, k] for k, col in enumerate(reference_columns(list(names[:-1])))}
+    return {**extra, "dissimilarity": d,
             "rank": rank[index] if rank is not None else np.zeros(d.shape, np.int32),
             "percentile": percentile[index] if percentile is not None else np.full(d.shape, np.nan, np.float32),
             "status": np.where(np.isfinite(d), STATUS_SCORED, STATUS_NODATA), "valid_fraction": valid_fraction[index],
@@ -542,66 +556,104 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         raise InputError(f"The batch size must be at least 1, not {params.batch_size}", "Use e.g. 128")
     if not 0 <= params.max_nodata < 1:
         raise InputError(f"The largest nodata share must be in [0, 1), not {params.max_nodata}", "Use e.g. 0.5")
-    for path, what in ((out_raster, "output raster"), (out_cells, "output cell layer")):
+    for path, what in ((out_raster, "output raster"), (out_cells, "output cell layer"),
+                       (params.keep_embeddings, "embedding raster")):
         if path:
             check_destination(path, what)
     cache = EmbeddingCache(params.cache_dir) if params.cache_dir else None
-    info = describe_raster(params.raster)  # a missing/unreadable raster is named before the model loads
-    encoder = encoder or load_model(params.model, params.device)
+    source = EmbeddingRaster.open(params.embeddings) if params.embeddings else None
+    if source is not None:
+        if params.raster:
+            source.check_raster(params.raster)
+        source.check_grid(params.cell_size_m, params.stride_m)
+        if params.area is not None:
+            raise InputError("An embedding raster fixes the area: an area cannot be given with it",
+                             "Leave the area out, or embed the new area with 'embed-area'")
+        raster = source.facts.raster
+    else:
+        raster = params.raster
+    info = describe_raster(raster) if source is None else None  # a bad raster is named before the model loads
+    encoder = encoder or load_model(params.model or (source.facts.model_path if source else None) or None,
+                                    params.device)
+    if source is not None:
+        source.check_model(encoder)
     size = encoder.input_size
     references = load_references(params.references, size, params.reference_resolution_m)
-    info, grid = plan_grid(params, references, feedback, info)
+    if source is not None:
+        grid = source.grid
+    else:
+        info, grid = plan_grid(params, references, feedback, info)
     n = len(grid)
     feedback.log(f"Device: {describe_device(encoder.device)}; model: {encoder.path or 'in memory'}")
     feedback.log(f"Cells: {n:,} of {grid.cell_size_m:g} m (grid {grid.n_rows} x {grid.n_cols}); "
                  f"references: {len(references)}")
     check_cancelled(feedback)
 
-    ref_emb = encoder.embed(np.stack([r.patch for r in references]))
+    query = ReferenceQuery(quantise(encoder.embed(np.stack([r.patch for r in references]))), params.aggregate)
     min_valid = 1.0 - params.max_nodata
     amp_dtype = _amp_dtype(encoder, params.amp)
     precision = f"amp-{str(amp_dtype).replace('torch.', '')}" if amp_dtype is not None else "fp32"
     dissimilarity = np.full(n, np.nan, dtype=np.float32)
     valid_fraction = np.zeros(n, dtype=np.float32)
     nearest = np.full(n, -1, dtype=np.int32)
+    per_reference = np.full((n, len(references)), np.nan, dtype=np.float32) if len(references) > 1 else None
     names = reference_names(references)
-    extra: dict = {"cache": "off", "cells_read": 0, "precision": precision}
-    key = facts = hit = None
-    if cache is not None:
-        key, facts = cache_key(params.raster, grid, params.band, model_fingerprint(encoder), precision)
-        hit = cache.lookup(key, n, encoder.embedding_dim, min_valid)
-        extra["cache"] = "hit" if hit is not None else "miss"
+    extra: dict = {"cache": "off", "cells_read": 0, "precision": precision,
+                   "embeddings": params.embeddings or ""}
+    facts = None
+    if source is None and (cache is not None or params.keep_embeddings):
+        facts = embedding_facts(encoder, raster, grid, params.band, min_valid, params.min_coverage)
+        if precision != "fp32":
+            facts.model += f"+{precision}"  # mixed-precision embeddings are not the float32 ones
+    if cache is not None and source is None:
+        source = cache.lookup(facts)
+        extra["cache"] = "hit" if source is not None else "miss"
     with contextlib.ExitStack() as outputs:
         # Outputs are written while the cells are scored (under temporary names, moved into
-        # place at the end): each finished batch goes to a writer thread.
+        # place together at the end): each finished batch goes to a writer thread.
+        tmp = outputs.enter_context(atomic_outputs({"raster": out_raster, "cells": out_cells,
+                                                    "embeddings": params.keep_embeddings}))
         sink = None
         if out_raster or out_cells:
-            tmp = outputs.enter_context(atomic_outputs({"raster": out_raster, "cells": out_cells}))
             sink = outputs.enter_context(ResultStream(
                 tmp["raster"], tmp["cells"], grid,
-                lambda index: cell_columns(dissimilarity, valid_fraction, nearest, names, index),
-                tags=_output_tags(encoder.path, str(encoder.device), references, grid, params.aggregate)))
-        done = sink.put if sink is not None else None
-        if cache is not None and hit is not None:
-            feedback.log(f"Embeddings of these {n:,} cells come from the cache ({cache.folder}); only distances are "
-                         "computed")
-            encode_s = _score_cached(hit, ref_emb, params.aggregate, min_valid, dissimilarity, valid_fraction,
-                                     nearest, feedback, finished=done)
+                lambda index: cell_columns(dissimilarity, valid_fraction, nearest, names, index,
+                                           per_reference=per_reference),
+                tags=_output_tags(encoder.path, str(encoder.device), references, grid, params.aggregate),
+                fields=cell_fields(names)))
+        writers = []
+        if source is not None and tmp["embeddings"]:
+            shutil.copyfile(source.path, tmp["embeddings"])  # the embeddings asked for are those
+        if source is None and tmp["embeddings"]:
+            writers.append(_embedding_writer(outputs, tmp["embeddings"], grid, facts))
+        if source is None and cache is not None:
+            writers.append(_embedding_writer(outputs, _cache_entry(outputs, cache, facts), grid, facts))
+
+        def consume(idx, valid, ok, emb, scored) -> None:
+            valid_fraction[idx] = valid
+            if scored is not None:
+                sel = idx[ok]
+                dissimilarity[sel] = scored["dissimilarity"]
+                nearest[sel] = scored["nearest"]
+                if per_reference is not None:
+                    per_reference[sel] = scored["per_reference"]
+            for w in writers:
+                w.store(idx, valid, ok, emb)
+            if sink is not None:
+                sink.put(int(idx[0]), int(idx[-1]) + 1)
+
+        if source is not None:
+            feedback.log(f"Embeddings of these {n:,} cells come from {source.path}; only distances are computed")
+            encode_s = query_embedding_raster(source, query.score, min_valid, consume, feedback)
         else:
-            writer = cache.writer(key, n, encoder.embedding_dim, facts) if cache is not None else None
-            try:
-                encode_s = _encode_stream(params, encoder, info, grid, ref_emb, min_valid, amp_dtype, dissimilarity,
-                                          valid_fraction, nearest, extra, writer, feedback, t0, finished=done)
-                if writer is not None:
-                    writer.commit(min_valid)
-                    writer = None
-            finally:
-                if writer is not None:
-                    writer.discard()
+            encode_s = _encode_stream(params, encoder, info, grid, query.score, min_valid, amp_dtype, consume,
+                                      extra, feedback, t0)
+        for w in writers:
+            w.close()
         rank, pct = rank_scores(dissimilarity)
         seconds = time.perf_counter() - t0
         result = SearchResult(grid, dissimilarity, valid_fraction, nearest, rank, pct, references,
-                              str(encoder.device), encoder.path, seconds, encode_s, extra)
+                              str(encoder.device), encoder.path, seconds, encode_s, extra, per_reference)
         skipped = int((~result.scored).sum())
         feedback.log(f"Scored {n - skipped:,} cells ({skipped:,} skipped as mostly nodata) in {seconds:.1f} s: "
                      f"{result.cells_per_s:,.0f} cells/s on {encoder.device}")
@@ -616,6 +668,65 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
             sink.finish(scored, {"rank": rank[scored], "percentile": pct[scored]}, sites,
                         None if sites is None else result.columns(sites))
     return result
+
+
+def cell_fields(names: np.ndarray) -> list[tuple[str, str]]:
+    """The cell layer's fields: :data:`~.outputs.CELL_FIELDS`, and with several references each
+    one's own dissimilarity after ``dissimilarity``."""
+    from .outputs import CELL_FIELDS
+
+    if len(names) <= 2:  # one reference (and "" for not scored)
+        return CELL_FIELDS
+    at = [f for f, _ in CELL_FIELDS].index("dissimilarity") + 1
+    return CELL_FIELDS[:at] + [(c, "real") for c in reference_columns(list(names[:-1]))] + CELL_FIELDS[at:]
+
+
+def _embedding_writer(stack: contextlib.ExitStack, path: str, grid: CellGrid, facts) -> EmbeddingRasterWriter:
+    """An embedding-raster writer aborted when ``stack`` unwinds unfinished."""
+    writer = EmbeddingRasterWriter(path, grid, facts)
+    stack.callback(writer.abort)
+    return writer
+
+
+def _cache_entry(stack: contextlib.ExitStack, cache: EmbeddingCache, facts) -> str:
+    """A temporary name for a new cache entry, moved into place when ``stack`` unwinds without
+    an error (removed otherwise)."""
+    final = cache.path_for(facts)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{threading.get_ident():x}")
+
+    def done(exc_type, exc, tb):
+        if exc_type is None and tmp.exists():
+            os.replace(tmp, final)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return False
+
+    stack.push(done)
+    return str(tmp)
+
+
+def query_embedding_raster(source: EmbeddingRaster, score, min_valid: float, consume, feedback: Feedback) -> float:
+    """Run ``score`` over an embedding raster's cells, chunk by chunk, handing each chunk to
+    ``consume(idx, valid, ok, embeddings_of_ok, scored)`` in cell order; returns the seconds spent.
+
+    A cell takes part when it was encoded and its valid share is at least ``min_valid`` (to the
+    half-precision rounding of the stored share).
+    """
+    t = time.perf_counter()
+    n = len(source.grid)
+    tol = min_valid * 2.0 ** -10  # the stored share is rounded to half precision
+    for idx, valid, emb in source.iter_chunks():
+        check_cancelled(feedback)
+        ok = np.isfinite(emb[:, 0]) & (valid >= min_valid - tol)
+        e = emb[ok]
+        scored = score(e) if (score is not None and len(e)) else None
+        if score is not None and scored is None:
+            scored = {}
+        consume(idx, valid, ok, e, scored if len(e) else None)
+        stop = int(idx[-1]) + 1
+        feedback.progress(stop / n, f"{stop:,}/{n:,} cells (embeddings)")
+    return time.perf_counter() - t
 
 
 def _output_tags(model_path: str | None, device: str, references: list[ReferenceImage], grid: CellGrid,
@@ -666,17 +777,17 @@ def _embed_batch(encoder: AnalogEncoder, x, amp_dtype) -> np.ndarray:
 
 
 def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInfo, grid: CellGrid,
-                   ref_emb: np.ndarray, min_valid: float, amp_dtype, dissimilarity: np.ndarray,
-                   valid_fraction: np.ndarray, nearest: np.ndarray, extra: dict, writer: CacheWriter | None,
-                   feedback: Feedback, t0: float, finished=None) -> float:
-    """Read, normalise, encode and score every cell, batch by batch; returns the encoding seconds
+                   score, min_valid: float, amp_dtype, consume, extra: dict, feedback: Feedback,
+                   t0: float) -> float:
+    """Read, normalise, encode and query every cell, batch by batch; returns the encoding seconds
     (summed over the encoder threads).
 
     Reader threads read and normalise (and pin, on CUDA) the next batches while encoder
-    threads (see :class:`_EncoderThreads`) embed and score the batches read; this thread
-    hands them out and, in order, stores their results. Only ``readers + prefetch + encoders``
-    batches of pixels exist at any time. ``finished(start, stop)``, when given, is called with
-    each range of cells that is final.
+    threads (see :class:`_EncoderThreads`) embed the batches read, round the embeddings to half
+    precision (as an embedding raster keeps them) and run ``score(embeddings) -> columns`` on
+    them (``None``: no query); this thread hands them out and, in cell order, calls
+    ``consume(idx, valid, ok, embeddings_of_ok, columns)``. Only ``readers + prefetch +
+    encoders`` batches of pixels exist at any time.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -695,9 +806,8 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
 
     def encode(x):
         t = time.perf_counter()
-        emb = _embed_batch(encoder, x, amp_dtype)
-        d, near = score_embeddings(emb, ref_emb, params.aggregate)
-        return emb, d, near, time.perf_counter() - t
+        emb = quantise(_embed_batch(encoder, x, amp_dtype))
+        return emb, score(emb) if score is not None else None, time.perf_counter() - t
 
     threads = params.reader_threads or default_reader_threads(encoder.device.type)
     extra["reader_threads"] = threads
@@ -722,17 +832,11 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
 
     def store(idx, valid, ok, job) -> None:
         nonlocal encode_s, done
-        emb = None
+        emb = scored = None
         if job is not None:
-            emb, d, near, seconds = job.result()
+            emb, scored, seconds = job.result()
             encode_s += seconds
-            dissimilarity[idx[ok]] = d
-            nearest[idx[ok]] = near
-        valid_fraction[idx] = valid
-        if writer is not None:
-            writer.store(idx, valid, ok, emb)
-        if finished is not None:
-            finished(int(idx[0]), int(idx[-1]) + 1)
+        consume(idx, quantise(valid), ok, emb, scored)
         done += idx.size
         extra["cells_read"] = done
         feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(time.perf_counter() - t0, 1e-9):,.0f} cells/s")
@@ -799,30 +903,6 @@ class _EncoderThreads:
         self._torch.set_num_threads(self.before)
 
 
-def _score_cached(hit: CachedEmbeddings, ref_emb: np.ndarray, aggregate: str, min_valid: float,
-                  dissimilarity: np.ndarray, valid_fraction: np.ndarray, nearest: np.ndarray,
-                  feedback: Feedback, chunk: int = 1 << 16, finished=None) -> float:
-    """Distances from cached embeddings, chunk by chunk (the file stays memory-mapped).
-
-    ``finished(start, stop)``, when given, is called with each chunk of cells once it is final.
-    """
-    t = time.perf_counter()
-    n = len(dissimilarity)
-    valid_fraction[:] = hit.valid_fraction
-    for start in range(0, n, chunk):
-        check_cancelled(feedback)
-        sl = slice(start, min(start + chunk, n))
-        ok = np.nonzero(valid_fraction[sl] >= min_valid)[0] + start
-        if ok.size:
-            d, near = score_embeddings(hit.embeddings[ok], ref_emb, aggregate)
-            dissimilarity[ok] = d
-            nearest[ok] = near
-        if finished is not None:
-            finished(sl.start, sl.stop)
-        feedback.progress(sl.stop / n, f"{sl.stop:,}/{n:,} cells (cached embeddings)")
-    return time.perf_counter() - t
-
-
 def write_outputs(result: SearchResult, out_raster: str | None, out_cells: str | None,
                   params: SearchParams | None = None) -> None:
     """Write the GeoTIFF and GeoPackage of a finished result at once (atomically, both or neither).
@@ -836,4 +916,5 @@ def write_outputs(result: SearchResult, out_raster: str | None, out_cells: str |
         if tmp["raster"]:
             write_dissimilarity_raster(tmp["raster"], result.grid, result.dissimilarity, tags)
         if tmp["cells"]:
-            write_cells_gpkg(tmp["cells"], result.grid, result.columns(), top_k=params.top_k if params else 10)
+            write_cells_gpkg(tmp["cells"], result.grid, result.columns(), top_k=params.top_k if params else 10,
+                             fields=cell_fields(reference_names(result.references)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from siamese_analog_plugin.engine.cache import EmbeddingCache
+from siamese_analog_plugin.engine.embeddings import EmbeddingCache
 from siamese_analog_plugin.engine.errors import OutputError, SearchCancelled
 from siamese_analog_plugin.engine.feedback import Feedback
 from siamese_analog_plugin.engine.imagery import GreyReader
@@ -51,7 +51,7 @@ class TestCache:
         cache = tmp_path / "cache"
         first = run_search(params(area, str(SAMPLE_REFERENCE), cache, model=tiny_model))
         assert first.extra["cache"] == "miss" and read_counter["reads"] > 0
-        assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".npy", ".npy"]
+        assert [p.suffix for p in cache.iterdir()] == [".tif"]  # one embedding raster
 
         read_counter["reads"] = 0
         other = str(SAMPLE_HIRISE[0])
@@ -97,7 +97,7 @@ class TestCache:
         ref = str(SAMPLE_REFERENCE)
         run_search(params(area, ref, cache, model=tiny_model))
         assert run_search(params(area, ref, cache, model=str(other))).extra["cache"] == "miss"
-        assert len(list(cache.glob("*.json"))) == 2
+        assert len(list(cache.glob("*.emb.tif"))) == 2
 
     def test_cancel_leaves_no_entry(self, area, tiny_model, tmp_path):
         class CancelHalfway(Feedback):

@@ -18,6 +18,7 @@ from osgeo import ogr, osr
 from rasterio.windows import from_bounds
 
 from siamese_analog_plugin.engine import outputs
+from siamese_analog_plugin.engine.embeddings import quantise
 from siamese_analog_plugin.engine.encoder import load_model
 from siamese_analog_plugin.engine.feedback import Feedback
 from siamese_analog_plugin.engine.grid import Area
@@ -287,12 +288,16 @@ class TestRunSearch:
         enc = load_model(tiny_model, "cpu")
         params = SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, model=tiny_model, device="cpu")
         result = run_search(params, encoder=enc)
-        ref = enc.embed(np.stack([r.patch for r in result.references]))
+        # The search scores embeddings rounded to half precision, as an embedding raster keeps them.
+        ref = quantise(enc.embed(np.stack([r.patch for r in result.references])))
         with GreyReader(area_raster) as reader:
             for i in np.nonzero(result.scored)[0][:5]:
                 patch, _ = reader.read_bounds(result.grid.bounds(int(i)), 100)
-                d = np.linalg.norm(enc.embed(patch[None]) - ref, axis=1).min()
+                d = np.linalg.norm(quantise(enc.embed(patch[None])) - ref, axis=1).min()
                 assert result.dissimilarity[i] == pytest.approx(d, abs=1e-5)
+                exact = np.linalg.norm(enc.embed(patch[None]) - enc.embed(np.stack([r.patch for r in
+                                                                                  result.references])), axis=1).min()
+                assert abs(result.dissimilarity[i] - exact) < 2e-3  # the rounding's whole effect
 
     def test_torch_threads_are_restored_and_the_device_logged(self, area_raster, tiny_model):
         before = torch.get_num_threads()
