@@ -21,6 +21,9 @@ COMMANDS = (
     ("", "_search_parser"),
     ("", "_embed_parser"),
     ("", "_info_parser"),
+    ("queries", "register_embed_area"),
+    ("queries", "register_similar"),
+    ("queries", "register_compare"),
     ("landforms", "register"),
     ("learning", "register_train"),
     ("learning", "register_evaluate"),
@@ -40,7 +43,11 @@ def _search_parser(sub) -> None:
                        description="Cut an area of Earth imagery into cells, compare each with a Mars reference "
                                    "image and write a dissimilarity GeoTIFF and a GeoPackage of cells. "
                                    "Low dissimilarity = more Mars-like.")
-    p.add_argument("--raster", required=True, help="Earth imagery (GeoTIFF or any georeferenced GDAL raster)")
+    p.add_argument("--raster", help="Earth imagery (GeoTIFF or any georeferenced GDAL raster); optional with "
+                                    "--embeddings")
+    p.add_argument("--embeddings", help="query this embedding raster (from embed-area) instead of encoding: "
+                                        "its grid, raster and model are used")
+    p.add_argument("--keep-embeddings", help="also write the cells' embeddings to this embedding raster (.tif)")
     p.add_argument("--reference", required=True, nargs="+",
                    help="Mars reference image(s) (PNG/JPEG/GeoTIFF) or folder(s) of them")
     p.add_argument("--area", help="polygon file (GeoPackage, GeoJSON, Shapefile; any CRS); default: raster extent")
@@ -83,29 +90,44 @@ def cmd_search(args) -> int:
         stride_m=args.stride, min_coverage=args.min_coverage, max_nodata=args.max_nodata, band=args.band,
         reference_resolution_m=args.reference_resolution, model=args.model, device=args.device,
         batch_size=args.batch_size, aggregate=args.aggregate, max_cells=args.max_cells, force=args.force,
-        top_k=args.top, cache_dir=args.cache, amp=args.amp)
+        top_k=args.top, cache_dir=args.cache, amp=args.amp, embeddings=args.embeddings,
+        keep_embeddings=args.keep_embeddings)
+    if not args.raster and not args.embeddings:
+        from ..engine.errors import InputError
+
+        raise InputError("search needs the imagery (--raster) or its embeddings (--embeddings)",
+                         "Give --raster FILE, or --embeddings EMB.tif made by embed-area")
     if args.out_png:
         from ..engine.outputs import check_destination
 
         check_destination(args.out_png, "picture")
     result = run_search(params, args.out_raster, args.out_cells, feedback)
+    report_sites(result, args, "Best analog sites", "more Mars-like",
+                 [args.out_raster, args.out_cells, args.keep_embeddings])
+    return 0
+
+
+def report_sites(result, args, title: str, lower: str, written: list) -> None:
+    """Print the best cells of a search-like result (or JSON), what was written, and the picture."""
     best = result.best(args.top)
     if args.json:
         print(json.dumps({"device": result.device, "cells": len(result.grid), "seconds": round(result.seconds, 3),
                           "best": best}, indent=2))
     else:
-        print(f"\nBest analog sites (of {int(result.scored.sum()):,} cells scored; lower = more Mars-like):")
+        print(f"\n{title} (of {int(result.scored.sum()):,} cells scored; lower = {lower}):")
         print(f"{'rank':>4} {'id':>7} {'row':>5} {'col':>5} {'dissimilarity':>13} {'lon':>12} {'lat':>11}  reference")
         for s in best:
             print(f"{s['rank']:>4} {s['id']:>7} {s['row']:>5} {s['col']:>5} {s['dissimilarity']:>13.4f} "
                   f"{s['lon']:>12.6f} {s['lat']:>11.6f}  {s['reference']}")
-    print(f"\nWrote {args.out_raster} and {args.out_cells}")
-    if args.out_png:
+    written = [w for w in written if w]
+    if written:
+        print(f"\nWrote {', '.join(written)}")
+    if getattr(args, "out_png", None):
         from ..engine.figures import render_search_png
 
-        render_search_png(result, args.raster, args.out_png, top=min(args.top, 5))
+        raster = getattr(args, "raster", None) or result.extra.get("raster")
+        render_search_png(result, raster, args.out_png, top=min(args.top, 5))
         print(f"Wrote {args.out_png}")
-    return 0
 
 
 def _embed_parser(sub) -> None:

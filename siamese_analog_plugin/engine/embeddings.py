@@ -356,6 +356,19 @@ class EmbeddingRaster:
             valid[idx], emb[idx] = v, e
         return valid, emb
 
+    def embeddings_of(self, index) -> tuple[np.ndarray, np.ndarray]:
+        """``(valid_fraction, embeddings)`` of the kept cells ``index`` (a few: one read each)."""
+        import rasterio
+        from rasterio.windows import Window
+
+        index = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        dim = self.facts.embedding_dim
+        out = np.full((index.size, dim + 1), np.nan, dtype=np.float32)
+        with rasterio.open(self.path) as ds:
+            for j, i in enumerate(index):
+                out[j] = ds.read(window=Window(int(self.grid.cols[i]), int(self.grid.rows[i]), 1, 1))[:, 0, 0]
+        return out[:, dim], out[:, :dim]
+
     def cell_at(self, x: float, y: float) -> int:
         """Index of the kept cell whose pixel holds point ``(x, y)`` (raster CRS)."""
         grid = self.grid

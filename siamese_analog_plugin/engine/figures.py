@@ -75,16 +75,19 @@ def render_search_png(result, raster: str, path: str | Path, title: str | None =
         ax.annotate(str(site["rank"]), (cx[i], cy[i]), color="black", weight="bold", ha="center", va="center",
                     fontsize=8)
     bar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
-    bar.set_label("dissimilarity  (low = more Mars-like)")
+    by_example = result.extra.get("query") == "example"
+    bar.set_label("dissimilarity  (low = more alike)" if by_example else "dissimilarity  (low = more Mars-like)")
     ax.set_xlabel("x (raster CRS)")
     ax.set_ylabel("y (raster CRS)")
     ax.ticklabel_format(useOffset=False, style="plain")
     ax.tick_params(labelsize=7)
-    ax.set_title(title or f"Mars analog map: {len(grid):,} cells of {grid.cell_size_m:g} m", fontsize=11)
+    ax.set_title(title or f"{'Similarity' if by_example else 'Mars analog'} map: {len(grid):,} cells of "
+                 f"{grid.cell_size_m:g} m", fontsize=11)
 
     axr = fig.add_subplot(gs[0, 1])
-    axr.imshow(result.references[0].patch, cmap="gray", vmin=0, vmax=1)
-    axr.set_title(f"Mars reference\n{Path(result.references[0].path).name}"
+    if result.references[0].patch is not None:
+        axr.imshow(result.references[0].patch, cmap="gray", vmin=0, vmax=1)
+    axr.set_title(f"{'Example' if by_example else 'Mars reference'}\n{Path(result.references[0].path).name}"
                   + (f" (+{len(result.references) - 1} more)" if len(result.references) > 1 else ""), fontsize=8)
     axr.axis("off")
 

@@ -98,6 +98,8 @@ class SearchParams:
         embeddings: an embedding raster (:mod:`.embeddings`) to query instead of encoding: the
             grid, raster and model come from it (any given must match it).
         keep_embeddings: also write the embeddings computed on the way to this embedding raster.
+        examples: instead of reference images, ``(names, embeddings, patches)`` of examples to
+            compare every cell with (query by example: ``similar``); ``references`` is unused.
         reader_threads: threads reading the raster (``None``: :func:`default_reader_threads`).
         amp: on CUDA, encode in mixed precision (bfloat16, else float16). Dissimilarities then
             differ from float32 by up to ~0.03 (embeddings are unit vectors, distances in
@@ -129,6 +131,7 @@ class SearchParams:
     cache_dir: str | None = None
     embeddings: str | None = None
     keep_embeddings: str | None = None
+    examples: tuple | None = None
     reader_threads: int | None = None
     amp: bool = False
     torch_threads: int | None = None
@@ -578,7 +581,12 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     if source is not None:
         source.check_model(encoder)
     size = encoder.input_size
-    references = load_references(params.references, size, params.reference_resolution_m)
+    if params.examples is not None:
+        example_names, example_emb, example_patches = params.examples
+        references = [ReferenceImage(name, patch, None) for name, patch in zip(example_names, example_patches)]
+    else:
+        references = load_references(params.references, size, params.reference_resolution_m)
+        example_emb = None
     if source is not None:
         grid = source.grid
     else:
@@ -589,7 +597,8 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
                  f"references: {len(references)}")
     check_cancelled(feedback)
 
-    query = ReferenceQuery(quantise(encoder.embed(np.stack([r.patch for r in references]))), params.aggregate)
+    ref_emb = example_emb if example_emb is not None else encoder.embed(np.stack([r.patch for r in references]))
+    query = ReferenceQuery(quantise(ref_emb), params.aggregate)
     min_valid = 1.0 - params.max_nodata
     amp_dtype = _amp_dtype(encoder, params.amp)
     precision = f"amp-{str(amp_dtype).replace('torch.', '')}" if amp_dtype is not None else "fp32"
@@ -599,7 +608,8 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     per_reference = np.full((n, len(references)), np.nan, dtype=np.float32) if len(references) > 1 else None
     names = reference_names(references)
     extra: dict = {"cache": "off", "cells_read": 0, "precision": precision,
-                   "embeddings": params.embeddings or ""}
+                   "embeddings": params.embeddings or "", "raster": raster,
+                   "query": "example" if params.examples is not None else "references"}
     facts = None
     if source is None and (cache is not None or params.keep_embeddings):
         facts = embedding_facts(encoder, raster, grid, params.band, min_valid, params.min_coverage)
