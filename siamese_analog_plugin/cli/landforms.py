@@ -59,7 +59,8 @@ def cmd_fewshot_map(args) -> int:
     params = FewShotParams(raster=args.raster, area=read_area(args.area, args.area_layer) if args.area else None,
                            cell_size_m=args.cell_size, stride_m=args.stride, min_coverage=args.min_coverage,
                            max_nodata=args.max_nodata, band=args.band, model=args.model, device=args.device,
-                           batch_size=args.batch_size, max_cells=args.max_cells, force=args.force, scale=args.scale)
+                           batch_size=args.batch_size, max_cells=args.max_cells, force=args.force, scale=args.scale,
+                           embeddings=args.embeddings)
     result = run_fewshot_map(params, support, args.out_raster, args.out_cells, feedback)
     print(f"Classified {int(result.classified.sum()):,} of {len(result.grid):,} cells in {result.seconds:.1f} s:")
     for c, n in result.counts().items():
@@ -126,6 +127,8 @@ def register(sub) -> None:
                                    "a class GeoTIFF (with colour table) and a GeoPackage of cells (class, cosine, "
                                    "confidence, margin).")
     p.add_argument("--raster", required=True, help="imagery to map (georeferenced)")
+    p.add_argument("--embeddings", help="embedding raster of this imagery (from embed-area): its cells are "
+                                        "classified without encoding them again")
     p.add_argument("--labels", help="points or polygons with a class field (GeoPackage, GeoJSON, Shapefile)")
     p.add_argument("--labels-layer", help="layer of the labels file (default: the first)")
     p.add_argument("--class-field", help="field holding each example's class")

@@ -411,6 +411,8 @@ def _rebuild_grid(facts: EmbeddingFacts, path: str):
     if _grid_facts(grid) != g:
         raise InputError(f"The embedding raster '{path}' has a grid that cannot be rebuilt exactly",
                          "Make it again with 'embed-area' (with this version)")
+    if area is not None:
+        grid.area = area.geometry  # the area as it was (clipping it to the cells changes its outline only)
     return grid
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -38,6 +37,8 @@ class FewShotParams:
         model, device, batch_size: the encoder.
         scale: logit scale for the confidence (``None``: the model's, else 10).
         max_cells_per_polygon: cells taken from one labelled polygon at most.
+        embeddings: an embedding raster (``embed-area``) whose cells are classified instead of
+            encoding the raster again (its grid and model are used; the raster must be its own).
     """
 
     raster: str
@@ -54,6 +55,7 @@ class FewShotParams:
     force: bool = False
     scale: float | None = None
     max_cells_per_polygon: int = 64
+    embeddings: str | None = None  # an embedding raster of the area to classify instead of encoding
 
 
 @dataclass
@@ -111,7 +113,8 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
     Raises:
         InputError, ModelError, OutputError; SearchCancelled when cancelled (nothing written).
     """
-    from .search import SearchParams, iter_patch_batches, plan_grid
+    from .embeddings import EmbeddingRaster
+    from .search import SearchParams, _encode_stream, plan_grid, query_embedding_raster
 
     feedback = feedback or Feedback()
     t0 = time.perf_counter()
@@ -124,11 +127,21 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
     for path, what in ((out_raster, "class raster"), (out_cells, "cell layer")):
         if path:
             check_destination(path, what)
+    source = EmbeddingRaster.open(params.embeddings) if params.embeddings else None
+    if source is not None:
+        source.check_raster(params.raster)
+        source.check_grid(params.cell_size_m, params.stride_m)
+        if params.area is not None:
+            raise InputError("An embedding raster fixes the area: an area cannot be given with it",
+                             "Leave the area out, or embed the new area with 'embed-area'")
     info = describe_raster(params.raster)
-    encoder = encoder or load_model(params.model, params.device)
+    encoder = encoder or load_model(params.model or (source.facts.model_path if source else None) or None,
+                                    params.device)
+    if source is not None:
+        source.check_model(encoder)
     size = encoder.input_size
-    cell = params.cell_size_m or _default_cell_size(info)
-    if not params.cell_size_m:
+    cell = source.facts.cell_size_m if source is not None else params.cell_size_m or _default_cell_size(info)
+    if not params.cell_size_m and source is None:
         feedback.log(f"Cell size: {cell:.1f} m (100 raster pixels)")
     if isinstance(support, LabelledFeatures):
         support = support_from_features(params.raster, support, cell, size, params.band, params.max_nodata,
@@ -142,8 +155,8 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
     counts = support.counts() if isinstance(support, SupportSet) else {c: 0 for c in clf.class_names}
     sp = SearchParams(raster=params.raster, references=None, area=params.area, cell_size_m=cell,
                       stride_m=params.stride_m, min_coverage=params.min_coverage, max_nodata=params.max_nodata,
-                      band=params.band, max_cells=params.max_cells, force=params.force)
-    _, grid = plan_grid(sp, None, feedback)
+                      band=params.band, batch_size=params.batch_size, max_cells=params.max_cells, force=params.force)
+    grid = source.grid if source is not None else plan_grid(sp, None, feedback, info)[1]
     n = len(grid)
     feedback.log(f"Cells: {n:,} of {grid.cell_size_m:g} m (grid {grid.n_rows} x {grid.n_cols}); "
                  f"classes: {', '.join(clf.class_names)}; device {encoder.device}")
@@ -153,25 +166,25 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
     confidence = np.full(n, np.nan, dtype=np.float32)
     margin = np.full(n, np.nan, dtype=np.float32)
     valid_fraction = np.zeros(n, dtype=np.float32)
-    done = 0
-    stop = threading.Event()
-    batches = iter_patch_batches(params.raster, grid, size, params.batch_size, params.band, stop=stop)
-    try:
-        for idx, patches, valid in batches:
-            check_cancelled(feedback)
-            valid_fraction[idx] = valid
-            ok = valid >= 1.0 - params.max_nodata
-            if ok.any():
-                pred = clf.predict(encoder.embed_tensor(encoder.to_tensor(patches[ok])))
-                sel = idx[ok]
-                index[sel], cosine[sel] = pred.index, pred.cosine
-                confidence[sel], margin[sel] = pred.confidence, pred.margin
-            done += idx.size
-            elapsed = time.perf_counter() - t0
-            feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(elapsed, 1e-9):,.0f} cells/s")
-    finally:
-        stop.set()
-        batches.close()
+
+    def score(emb):  # the landform classes are one more query over the cells' embeddings
+        pred = clf.predict(emb)
+        return {"index": pred.index, "cosine": pred.cosine, "confidence": pred.confidence, "margin": pred.margin}
+
+    def consume(idx, valid, ok, emb, scored) -> None:
+        valid_fraction[idx] = valid
+        if scored is not None:
+            sel = idx[ok]
+            index[sel], cosine[sel] = scored["index"], scored["cosine"]
+            confidence[sel], margin[sel] = scored["confidence"], scored["margin"]
+
+    min_valid = 1.0 - params.max_nodata
+    if source is not None:
+        feedback.log(f"Embeddings come from {source.path}; only the classes are computed")
+        query_embedding_raster(source, score, min_valid, consume, feedback)
+    else:
+        _encode_stream(sp, encoder, info, grid, score, min_valid, None, consume, {"precision": "fp32"}, feedback,
+                       t0)
     result = FewShotMapResult(grid, list(clf.class_names), index, cosine, confidence, margin, valid_fraction,
                               counts, str(encoder.device), encoder.path, time.perf_counter() - t0)
     if not result.classified.any():

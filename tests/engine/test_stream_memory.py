@@ -8,9 +8,9 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
-import pytest
 from affine import Affine
 
+from siamese_analog_plugin.engine.embeddings import EmbeddingFacts, _grid_facts
 from siamese_analog_plugin.engine.search import SearchParams, iter_patch_batches, plan_grid
 
 from .conftest import smooth_noise, write_raster
@@ -39,33 +39,30 @@ def test_memory_stays_flat_over_many_batches_and_reader_reopens(tmp_path):
     assert max(held[10:]) - max(held[:10]) < 2 * batch_bytes
 
 
-def test_cache_entries_are_appended_batch_by_batch_in_cell_order(tmp_path):
-    """The embedding cache writes each batch to its file as it comes (NaN rows for cells that
-    were not encoded) instead of holding a map of the whole entry."""
-    from siamese_analog_plugin.engine.cache import EmbeddingCache
+def test_the_embedding_writer_holds_one_strip_of_tiles_whatever_the_cell_count(tmp_path):
+    """The embedding raster is written a strip of tiles at a time: its buffer depends on the
+    grid's width, not on how many cells come, and each strip is written once it is complete."""
+    from siamese_analog_plugin.engine.embeddings import BLOCK, EmbeddingRaster, EmbeddingRasterWriter
 
-    cache = EmbeddingCache(tmp_path / "cache")
-    rng = np.random.default_rng(3)
-    emb = rng.random((25, 4)).astype(np.float32)
-    valid = rng.random(25).astype(np.float32)
-    writer = cache.writer("k" * 32, 25, 4, {"what": "test"})
-    for start in range(0, 25, 10):
-        idx = np.arange(start, min(start + 10, 25))
-        ok = valid[idx] >= 0.5
-        writer.store(idx, valid[idx], ok, emb[idx][ok])
-    writer.commit(0.5)
-    hit = cache.lookup("k" * 32, 25, 4, 0.5)
-    assert hit is not None and np.array_equal(hit.valid_fraction, valid)
-    ok = valid >= 0.5
-    assert np.array_equal(hit.embeddings[ok], emb[ok]) and np.isnan(hit.embeddings[~ok]).all()
-
-    other = cache.writer("j" * 32, 25, 4, {})
-    other.store(np.arange(0, 10), valid[:10], valid[:10] >= 0.5, emb[:10][valid[:10] >= 0.5])
-    with pytest.raises(ValueError, match="cell order"):
-        other.store(np.arange(20, 25), valid[20:], valid[20:] >= 0.5, None)
-    other.discard()
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
-        f"{'k' * 32}{suffix}" for suffix in (".emb.npy", ".valid.npy", ".json"))
+    grey = smooth_noise((2 * BLOCK + 40, 50), seed=2)
+    path = write_raster(tmp_path / "r.tif", grey, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000))
+    _, grid = plan_grid(SearchParams(path, None, cell_size_m=10))  # one cell a pixel: 296 rows of 50
+    facts = EmbeddingFacts(model="x", model_path="", input_size=100, normalisation={}, embedding_dim=4, raster=path,
+                           raster_size=0, raster_mtime_ns=0, band=None, cell_size_m=10.0, stride_m=10.0,
+                           min_coverage=0.5, area_wkt=grid.area.wkt, grid=_grid_facts(grid), min_valid=0.5)
+    w = EmbeddingRasterWriter(tmp_path / "e.tif", grid, facts)
+    rng = np.random.default_rng(0)
+    emb = rng.random((len(grid), 4)).astype(np.float32)
+    strips = []
+    for start in range(0, len(grid), 1000):
+        idx = np.arange(start, min(start + 1000, len(grid)))
+        w.store(idx, np.ones(idx.size, np.float32), np.ones(idx.size, bool), emb[idx])
+        assert w._strip.shape == (BLOCK, 50, 5)  # never more than one strip of tiles
+        strips.append(w._row0)
+    w.close()
+    assert strips[-1] == 2 * BLOCK and sorted(strips) == strips  # strips written as their rows completed
+    _, back = EmbeddingRaster.open(tmp_path / "e.tif").read_all()
+    assert np.array_equal(back, emb.astype(np.float16).astype(np.float32))
 
 
 def test_readers_reopen_when_their_strips_leave_the_blocks_they_cached(tmp_path, monkeypatch):
