@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--naive-seconds", type=float, help="time given to the naive loop (default 20; --quick: 2)")
     p.add_argument("--workdir", help="keep the rasters and outputs here (default: a temporary folder)")
+    p.add_argument("--requery-cells", type=int, help="cells of the embedding-raster re-query (default 1,000,000; "
+                                                      "--quick: 10,000)")
     p.add_argument("--quick", action="store_true", help="small sizes and the tiny model: a smoke run of seconds")
     p.set_defaults(func=cmd_bench)
 
@@ -37,8 +39,9 @@ def cmd_bench(args) -> int:
         ((100, 400, 1600) if quick else (1000, 10000, 100000))
     model = args.model or ("tiny" if quick else "shipped")
     naive = args.naive_seconds if args.naive_seconds is not None else (2.0 if quick else 20.0)
+    requery = args.requery_cells or (10_000 if quick else 1_000_000)
     figures = run_benchmark(cells, rss, model, args.rss_model, args.device, args.batch_size, naive, args.workdir,
-                            log=lambda m: print(m, flush=True))
+                            log=lambda m: print(m, flush=True), requery_cells=requery)
     print(json.dumps(figures))
     return 0
 

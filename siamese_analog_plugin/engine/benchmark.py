@@ -11,7 +11,10 @@ One run makes its own rasters (a multi-scale texture, tiled GeoTIFF, some nodata
   speed-up over it;
 * peak RSS at three area sizes, each measured in a fresh subprocess (``VmHWM``);
 * the time of a second search of the largest area with another reference, from cached
-  embeddings.
+  embeddings;
+* embed once, query many: ``embed-area`` then a search from the embedding raster, against the
+  plain search; a query of an embedding raster of 1,000,000 cells on disk (distances only, and
+  with the dissimilarity GeoTIFF written); the embedding raster's bytes a cell.
 
 Its last line is one JSON object with those figures. It is a measurement, not a test: the
 figures depend on the machine and on what else runs on it.
@@ -281,9 +284,68 @@ def _rss_run(cells: int, cell_px: int, model: str, device: str, batch_size: int,
     return figures
 
 
+def _embeddings_bench(work: Path, encoder, raster: str, refs: tuple[str, str], cell_m: float, batch_size: int,
+                      plain_s: float, requery_cells: int, log) -> dict:
+    """Embed once, query many: figures of the embedding raster (see the module docstring)."""
+    from .embed import EmbedParams, run_embed_area
+    from .embeddings import EmbeddingRasterWriter, embedding_facts
+    from .search import SearchParams, plan_grid, run_search
+
+    emb_path = work / "embeddings.tif"
+    t = time.perf_counter()
+    run_embed_area(EmbedParams(raster, cell_size_m=cell_m, batch_size=batch_size, force=True), str(emb_path),
+                   encoder=encoder)
+    embed_s = time.perf_counter() - t
+    out = work / "from_embeddings"
+    out.mkdir(exist_ok=True)
+    t = time.perf_counter()
+    result = run_search(SearchParams(None, refs[0], embeddings=str(emb_path), force=True),
+                        str(out / "dissimilarity.tif"), str(out / "cells.gpkg"), encoder=encoder)
+    query_s = time.perf_counter() - t
+    n = len(result.grid)
+    log(f"Embed once : embed-area {embed_s:.1f} s + search from the embedding raster {query_s:.2f} s "
+        f"(outputs written) = {embed_s + query_s:.1f} s for {n:,} cells, against {plain_s:.1f} s for the plain "
+        f"search: {plain_s / (embed_s + query_s):.2f} x its speed")
+
+    # A large area's embeddings on disk: one cell a pixel of a small raster, unit vectors.
+    side = max(2, math.ceil(math.sqrt(requery_cells)))
+    big = make_bench_raster(work / "requery_area.tif", side, 1, bands=1, seed=5)
+    _, grid = plan_grid(SearchParams(big, None, cell_size_m=PIXEL_M, force=True, max_cells=side * side))
+    facts = embedding_facts(encoder, big, grid, None, 0.5, 0.5)
+    path = work / "requery_embeddings.tif"
+    rng = np.random.default_rng(0)
+    writer = EmbeddingRasterWriter(path, grid, facts)
+    t = time.perf_counter()
+    for start in range(0, len(grid), 65536):
+        idx = np.arange(start, min(start + 65536, len(grid)))
+        e = rng.normal(size=(idx.size, encoder.embedding_dim)).astype(np.float32)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        writer.store(idx, np.ones(idx.size, np.float32), np.ones(idx.size, bool), e)
+    writer.close()
+    write_s = time.perf_counter() - t
+    size_b = path.stat().st_size
+    per_cell = size_b / len(grid)
+    (work / "requery_area.tif").unlink()
+    times = []
+    for write in (False, True):
+        t = time.perf_counter()
+        run_search(SearchParams(None, refs[1], embeddings=str(path), force=True),
+                   str(work / "requery.tif") if write else None, None, encoder=encoder)
+        times.append(time.perf_counter() - t)
+    log(f"Re-query   : {len(grid):,} cells from an embedding raster on disk in {times[0]:.2f} s (distances, best "
+        f"sites), {times[1]:.2f} s with the dissimilarity GeoTIFF written; the raster holds "
+        f"{per_cell:.1f} bytes a cell ({encoder.embedding_dim}-d: 2 x D = {2 * encoder.embedding_dim}), written "
+        f"at {len(grid) / write_s:,.0f} cells/s")
+    return {"embed_area_s": round(embed_s, 2), "query_from_embeddings_s": round(query_s, 3),
+            "embed_then_query_vs_search": round(plain_s / (embed_s + query_s), 3),
+            "requery_1m_cells": len(grid), "requery_1m_s": round(times[0], 3),
+            "requery_1m_with_raster_s": round(times[1], 3), "embedding_bytes_per_cell": round(per_cell, 2),
+            "embedding_write_cells_per_s": round(len(grid) / write_s, 1)}
+
+
 def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000, 100000), model: str = "shipped",
                   rss_model: str = "auto", device: str = "auto", batch_size: int = 128, naive_seconds: float = 20.0,
-                  workdir: str | None = None, log=print) -> dict:
+                  workdir: str | None = None, log=print, requery_cells: int = 1_000_000) -> dict:
     """Run every measurement and return the figures (see the module docstring)."""
     from .encoder import load_model
     from .imagery import load_references
@@ -349,6 +411,8 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
         log(f"Naive loop : {naive_rate:10,.1f} cells/s ({naive_n:,} cells: open, read, encode one at a time); "
             f"speed-up {e2e_rate / naive_rate:.1f} x")
 
+        emb_figures = _embeddings_bench(work, encoder, raster, refs, cell_m, batch_size, e2e_s, requery_cells, log)
+
         if rss_model == "auto":
             # Memory does not depend on the encoder's speed; a slow one would make the largest
             # area take too long here, so it is swapped for the tiny network when needed.
@@ -381,6 +445,7 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             "rss_growth_mb": round(growth, 1),
             "requery_s": rss[sizes[-1]]["requery_s"],
             "requery_cells": rss[sizes[-1]]["cells"],
+            **emb_figures,
             "cells": len(grid),
             "batch_size": batch_size,
             "model": model_desc,
