@@ -7,19 +7,31 @@ export PYTHONDONTWRITEBYTECODE = 1
 
 SAMPLE_RASTER    = resources/earth/landsat_bahamas_rgb_300m.tif
 SAMPLE_REFERENCE = resources/mars/ganges_chasma_dunes_ctx_7m.tif
+SAMPLE_HIRISE    = $(wildcard resources/mars/hirise_*.jpg)
+SAMPLE_REGIONS   = resources/earth/bahamas_regions.geojson
 
 .PHONY: help demo test test-engine test-gui fewshot-eval lint train evaluate bench package clean
 
 help:
 	@echo "make demo | test | test-engine | lint | train | evaluate | bench | package | clean"
 
-## The main job on the shipped sample data: a dissimilarity map of the Bahamas banks against
-## the Ganges Chasma dune field, as GeoTIFF + GeoPackage + PNG in $(OUT)/demo.
+## The main job on the shipped sample data, embed once, query many: the Bahamas banks are embedded
+## once (embeddings.tif), then searched for the Ganges Chasma dune field (dissimilarity.tif,
+## cells.gpkg, analog_map.png), for more ground like the best site (similar.*), and four regions are
+## compared with four Mars references (regions.csv, regions.html: the paper's table and heatmap).
 demo:
 	@mkdir -p $(OUT)/demo
-	$(PY) -m siamese_analog_plugin search --raster $(SAMPLE_RASTER) --reference $(SAMPLE_REFERENCE) \
-		--cell-size 6000 --out-raster $(OUT)/demo/dissimilarity.tif --out-cells $(OUT)/demo/cells.gpkg \
-		--out-png $(OUT)/demo/analog_map.png --top 10
+	$(PY) -m siamese_analog_plugin embed-area --raster $(SAMPLE_RASTER) --cell-size 6000 --out $(OUT)/demo/embeddings.tif
+	$(PY) -m siamese_analog_plugin search --embeddings $(OUT)/demo/embeddings.tif --reference $(SAMPLE_REFERENCE) \
+		--out-raster $(OUT)/demo/dissimilarity.tif --out-cells $(OUT)/demo/cells.gpkg \
+		--out-png $(OUT)/demo/analog_map.png --top 10 --json > $(OUT)/demo/best_sites.json
+	@cat $(OUT)/demo/best_sites.json
+	$(PY) -m siamese_analog_plugin similar --embeddings $(OUT)/demo/embeddings.tif \
+		--cells $$($(PY) -c "import json; print(json.load(open('$(OUT)/demo/best_sites.json'))['best'][0]['id'])") \
+		--out-raster $(OUT)/demo/similar.tif --out-cells $(OUT)/demo/similar.gpkg --out-png $(OUT)/demo/similar.png --top 5
+	$(PY) -m siamese_analog_plugin compare --embeddings $(OUT)/demo/embeddings.tif --regions $(SAMPLE_REGIONS) \
+		--name-field name --reference $(SAMPLE_REFERENCE) $(SAMPLE_HIRISE) \
+		--out-csv $(OUT)/demo/regions.csv --out-html $(OUT)/demo/regions.html
 
 test:
 	$(PY) -m pytest

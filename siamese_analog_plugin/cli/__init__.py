@@ -120,14 +120,15 @@ def report_sites(result, args, title: str, lower: str, written: list) -> None:
             print(f"{s['rank']:>4} {s['id']:>7} {s['row']:>5} {s['col']:>5} {s['dissimilarity']:>13.4f} "
                   f"{s['lon']:>12.6f} {s['lat']:>11.6f}  {s['reference']}")
     written = [w for w in written if w]
+    say = sys.stderr if args.json else sys.stdout  # with --json, standard output is the JSON alone
     if written:
-        print(f"\nWrote {', '.join(written)}")
+        print(f"\nWrote {', '.join(written)}", file=say)
     if getattr(args, "out_png", None):
         from ..engine.figures import render_search_png
 
         raster = getattr(args, "raster", None) or result.extra.get("raster")
         render_search_png(result, raster, args.out_png, top=min(args.top, 5))
-        print(f"Wrote {args.out_png}")
+        print(f"Wrote {args.out_png}", file=say)
 
 
 def _embed_parser(sub) -> None:

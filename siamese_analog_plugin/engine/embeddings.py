@@ -328,7 +328,8 @@ class EmbeddingRaster:
 
     def iter_chunks(self, rows_per_chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(idx, valid_fraction, embeddings)`` of the kept cells, a strip of grid rows at a
-        time: ``embeddings`` is ``(len(idx), D)`` float32 with NaN rows for cells not encoded."""
+        time: ``embeddings`` is ``(len(idx), D)`` float32 (a view, not C-contiguous) with NaN rows
+        for cells not encoded."""
         import rasterio
         from rasterio.windows import Window
 
@@ -344,9 +345,12 @@ class EmbeddingRaster:
                     continue
                 h = min(rows_per_chunk, grid.n_rows - r0)
                 data = ds.read(window=Window(0, r0, grid.n_cols, h))  # (D + 1, h, W) float32
-                rr, cc = grid.rows[a:b] - r0, grid.cols[a:b]
-                cells = data[:, rr, cc].T  # (n, D + 1)
-                yield np.arange(a, b), cells[:, dim].copy(), np.ascontiguousarray(cells[:, :dim])
+                if b - a == h * grid.n_cols:  # every grid position of these rows is a kept cell
+                    cells = data.reshape(dim + 1, -1)
+                else:
+                    cells = data[:, grid.rows[a:b] - r0, grid.cols[a:b]]  # (D + 1, n)
+                # Band-first as read: the embeddings are a transposed view (no copy).
+                yield np.arange(a, b), cells[dim], cells[:dim].T
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All kept cells' ``(valid_fraction, embeddings)`` (for small areas and tests)."""
