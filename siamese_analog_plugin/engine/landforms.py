@@ -210,35 +210,21 @@ def write_class_raster(path: str, grid: CellGrid, class_index: np.ndarray, class
     It carries a colour table (:func:`class_colours`) and category names, so any GIS shows
     it with a legend as is.
     """
-    from osgeo import gdal
+    from .outputs import RasterStream
 
-    gdal.UseExceptions()
-    data = np.full((grid.n_rows, grid.n_cols), CLASS_NODATA, dtype=np.uint8)
-    ok = class_index >= 0
-    data[grid.rows[ok], grid.cols[ok]] = (class_index[ok] + 1).astype(np.uint8)
+    values = np.where(class_index >= 0, class_index + 1, CLASS_NODATA).astype(np.uint8)
+    colours = {CLASS_NODATA: (0, 0, 0, 0)}
+    colours.update({i + 1: (*rgb, 255) for i, rgb in enumerate(class_colours(len(class_names)))})
+    meta = {f"CLASS_{i + 1}": n for i, n in enumerate(class_names)}
+    meta.update(tags or {})
+    stream = RasterStream(path, grid, meta, "landform class", dtype="uint8", nodata=CLASS_NODATA, colours=colours,
+                          categories=["(not classified)"] + list(class_names))
     try:
-        ds = gdal.GetDriverByName("GTiff").Create(path, grid.n_cols, grid.n_rows, 1, gdal.GDT_Byte,
-                                                  options=["COMPRESS=DEFLATE"])
-        ds.SetGeoTransform(grid.output_transform.to_gdal())
-        ds.SetProjection(grid.crs_wkt)
-        band = ds.GetRasterBand(1)
-        band.WriteArray(data)
-        band.SetNoDataValue(CLASS_NODATA)
-        table = gdal.ColorTable()
-        table.SetColorEntry(CLASS_NODATA, (0, 0, 0, 0))
-        for i, rgb in enumerate(class_colours(len(class_names))):
-            table.SetColorEntry(i + 1, (*rgb, 255))
-        band.SetRasterColorTable(table)
-        band.SetRasterColorInterpretation(gdal.GCI_PaletteIndex)
-        band.SetCategoryNames(["(not classified)"] + list(class_names))
-        band.SetDescription("landform class")
-        meta = {f"CLASS_{i + 1}": n for i, n in enumerate(class_names)}
-        meta.update({k: str(v) for k, v in (tags or {}).items()})
-        ds.SetMetadata(meta)
-        ds.FlushCache()
-        ds = None
-    except Exception as exc:
-        raise OutputError(f"Cannot write the class raster '{path}': {exc}", "Check the destination") from exc
+        stream.write(0, len(grid), values)
+    except BaseException:
+        stream.abort()
+        raise
+    stream.close()
 
 
 FEWSHOT_FIELDS = [

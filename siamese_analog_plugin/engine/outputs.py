@@ -128,29 +128,35 @@ class RasterStream:
     the area) or not scored (NaN) hold :data:`NODATA`.
     """
 
-    def __init__(self, path: str, grid, tags: dict | None = None, description: str = "dissimilarity") -> None:
+    def __init__(self, path: str, grid, tags: dict | None = None, description: str = "dissimilarity",
+                 dtype: str = "float32", nodata: float = NODATA, colours: dict | None = None,
+                 categories: list[str] | None = None) -> None:
         import rasterio
 
         self.path = path
         self._grid = grid
-        profile = dict(driver="GTiff", width=grid.n_cols, height=grid.n_rows, count=1, dtype="float32",
-                       crs=grid.crs_wkt, transform=grid.output_transform, nodata=NODATA, compress="deflate")
+        self._nodata = nodata
+        profile = dict(driver="GTiff", width=grid.n_cols, height=grid.n_rows, count=1, dtype=dtype,
+                       crs=grid.crs_wkt, transform=grid.output_transform, nodata=nodata, compress="deflate")
         if grid.n_rows >= 256 and grid.n_cols >= 256:
             profile.update(tiled=True, blockxsize=256, blockysize=256)
         try:
             self._ds = rasterio.open(path, "w", **profile)
             self._ds.set_band_description(1, description)
             self._ds.update_tags(**{k: str(v) for k, v in (tags or {}).items()})
+            if colours:  # a class raster: a colour table (and category names) any GIS shows as is
+                self._ds.write_colormap(1, colours)
         except Exception as exc:
             raise OutputError(f"Cannot write the raster '{path}': {exc}", "Check the destination") from exc
+        self._categories = categories
         self._block_h = int(self._ds.block_shapes[0][0])
-        self._strip = np.full((self._block_h, grid.n_cols), NODATA, dtype=np.float32)
+        self._strip = np.full((self._block_h, grid.n_cols), nodata, dtype=dtype)
         self._row0 = 0  # first grid row of the strip in the buffer
 
     def write(self, start: int, stop: int, values: np.ndarray) -> None:
         """Set the pixels of kept cells ``start..stop-1`` (values aligned with them)."""
         rows, cols = self._grid.rows[start:stop], self._grid.cols[start:stop]
-        values = np.asarray(values, dtype=np.float32)
+        values = np.asarray(values)
         if rows.size == 0:
             return
         if rows[0] < self._row0 or (rows.size > 1 and (np.diff(rows) < 0).any()):
@@ -162,7 +168,7 @@ class RasterStream:
                 self._flush()
             end = pos + int(np.searchsorted(rows[pos:], self._row0 + self._block_h, side="left"))
             seg_rows, seg_cols, seg = rows[pos:end], cols[pos:end], values[pos:end]
-            ok = np.isfinite(seg)
+            ok = np.isfinite(seg) if seg.dtype.kind == "f" else seg != self._nodata
             self._strip[seg_rows[ok] - self._row0, seg_cols[ok]] = seg[ok]
             pos = end
 
@@ -176,7 +182,7 @@ class RasterStream:
             except Exception as exc:
                 raise OutputError(f"Cannot write the raster '{self.path}': {exc}",
                                   "Check the destination (free disk space, permissions)") from exc
-        self._strip.fill(NODATA)
+        self._strip.fill(self._nodata)
         self._row0 += self._block_h
 
     def close(self) -> None:
@@ -185,6 +191,13 @@ class RasterStream:
             self._flush()
         try:
             self._ds.close()
+            if self._categories:  # rasterio cannot write category names; GDAL can, on the closed file
+                from osgeo import gdal
+
+                ds = gdal.Open(self.path, gdal.GA_Update)
+                band = ds.GetRasterBand(1)  # held: a band outliving its dataset crashes GDAL's bindings
+                band.SetCategoryNames(self._categories)
+                band = ds = None
         except Exception as exc:
             raise OutputError(f"Cannot write the raster '{self.path}': {exc}", "Check the destination") from exc
 
