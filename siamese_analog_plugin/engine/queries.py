@@ -2,8 +2,8 @@
 
 * :class:`ReferenceQuery`: Euclidean dissimilarity to Mars reference(s): nearest or mean, and
   each reference's own distance (the ``search``).
-* :class:`ExampleQuery`: "where else does the ground look like this?": distance to the
-  embedding(s) of example cells or images (``similar``).
+* the same distances to example cells or images: "where else does the ground look like
+  this?" (``similar``, :mod:`.similar`).
 * The landform classes of a cosine classifier (:class:`~.classes.CosineClassifier`; ``fewshot-map``).
 * :func:`region_statistics`: regions x references, the minimum, quartiles and best cell of
   each region (``compare``, the paper's table).
@@ -21,8 +21,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["AGGREGATES", "ReferenceQuery", "ExampleQuery", "distances_to", "region_statistics",
-           "reference_columns"]
+__all__ = ["AGGREGATES", "ReferenceQuery", "distances_to", "region_statistics", "reference_columns"]
 
 AGGREGATES = ("nearest", "mean")
 
@@ -79,17 +78,6 @@ class ReferenceQuery:
         if self.references.shape[0] > 1:
             out["per_reference"] = d
         return out
-
-
-class ExampleQuery(ReferenceQuery):
-    """Distance to example embeddings (cells picked on the map, or images): "more like this"."""
-
-    def __init__(self, example_embeddings: np.ndarray, aggregate: str = "mean") -> None:
-        ex = np.asarray(example_embeddings, dtype=np.float32)
-        if ex.ndim != 2 or not len(ex) or not np.isfinite(ex).all():
-            raise InputError("The example has no embedding (the cell was not encoded: outside the area or mostly "
-                             "nodata)", "Pick a cell over valid imagery")
-        super().__init__(ex, aggregate)
 
 
 def region_statistics(dissimilarity: np.ndarray, region_of_cell: np.ndarray, n_regions: int,

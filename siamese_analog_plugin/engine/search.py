@@ -46,7 +46,7 @@ from .outputs import (
     write_cells_gpkg,
     write_dissimilarity_raster,
 )
-from .queries import ReferenceQuery, reference_columns
+from .queries import AGGREGATES, ReferenceQuery, reference_columns
 
 __all__ = [
     "AGGREGATES",
@@ -64,7 +64,6 @@ __all__ = [
     "run_search",
 ]
 
-AGGREGATES = ("nearest", "mean")
 READER_REOPEN_BYTES = 8 * 1024 * 1024
 STATUS_SCORED = "scored"
 STATUS_NODATA = "nodata"
@@ -506,22 +505,14 @@ def iter_patch_batches(raster: str, grid: CellGrid, size: int, batch_size: int, 
 
 def score_embeddings(embeddings: np.ndarray, reference_embeddings: np.ndarray,
                      aggregate: str = "nearest") -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean dissimilarity of each embedding to the reference(s).
+    """Euclidean dissimilarity of each embedding to the reference(s) (:class:`~.queries.ReferenceQuery`).
 
     Returns:
         ``(dissimilarity, nearest)``: float32 distances and, for ``nearest``, the index of the
         closest reference (0 for ``mean``).
     """
-    e = np.asarray(embeddings, dtype=np.float32)
-    r = np.asarray(reference_embeddings, dtype=np.float32)
-    if aggregate == "mean":
-        d = np.linalg.norm(e - r.mean(axis=0, keepdims=True), axis=1)
-        return d.astype(np.float32), np.zeros(len(e), dtype=np.int32)
-    if aggregate != "nearest":
-        raise InputError(f"Unknown way to combine references '{aggregate}'", "Use nearest or mean")
-    d = np.linalg.norm(e[:, None, :] - r[None, :, :], axis=2)
-    nearest = d.argmin(axis=1)
-    return d[np.arange(len(e)), nearest].astype(np.float32), nearest.astype(np.int32)
+    scored = ReferenceQuery(reference_embeddings, aggregate).score(embeddings)
+    return scored["dissimilarity"], scored["nearest"]
 
 
 def rank_scores(dissimilarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
