@@ -108,6 +108,7 @@ class FewShotLandformAlgorithm(AnalogAlgorithm):
     DEVICE = "DEVICE"
     BATCH_SIZE = "BATCH_SIZE"
     ALLOW_LARGE = "ALLOW_LARGE"
+    EMBEDDINGS = "EMBEDDINGS"
     OUTPUT_RASTER = "OUTPUT_RASTER"
     OUTPUT_CELLS = "OUTPUT_CELLS"
     CELL_COUNT = "CELL_COUNT"
@@ -156,6 +157,9 @@ Cancelling leaves no partial files.</p>"""
             QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0))
         self.addParameter(QgsProcessingParameterFile(
             self.MODEL, self.tr("Model file (empty: the shipped encoder)"), extension="pt", optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.EMBEDDINGS, self.tr("Embedding raster of the imagery (from Embed area; optional: skips encoding)"),
+            optional=True))
         advanced = [
             QgsProcessingParameterNumber(self.STRIDE, self.tr("Stride between cells (metres; empty: the cell size)"),
                                          QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
@@ -188,6 +192,13 @@ Cancelling leaves no partial files.</p>"""
                                          "that draws on the map.")
         self._raster_path = gdal_path(layer)
         self._rendered = None if self._raster_path else RenderedRasterSource(layer)
+        from .embed_area import embeddings_parameter_path
+
+        self._embeddings = embeddings_parameter_path(self, parameters, self.EMBEDDINGS, context)
+        if self._embeddings and self._raster_path is None:
+            raise QgsProcessingException(f"'{layer.name()}' is a tile/web layer, but an embedding raster belongs to "
+                                         "an imagery file. Choose the raster file it was made from as the imagery, "
+                                         "or leave the embedding raster empty.")
         return True
 
     # -- worker thread -------------------------------------------------------------------
@@ -207,6 +218,11 @@ Cancelling leaves no partial files.</p>"""
             cell = self._optional_number(parameters, self.CELL_SIZE, context)
             model = self.parameterAsFile(parameters, self.MODEL, context) or None
             device = (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip()
+            # An embedding raster names its own model: load that one unless a model is given.
+            if self._embeddings and not model:
+                from ..engine.embeddings import EmbeddingRaster
+
+                model = EmbeddingRaster.open(self._embeddings).facts.model_path or None
             encoder = load_model(model, device)
             try:
                 raster = self._raster_path
@@ -222,7 +238,7 @@ Cancelling leaves no partial files.</p>"""
                     min_coverage=self.parameterAsDouble(parameters, self.MIN_COVERAGE, context),
                     max_nodata=self.parameterAsDouble(parameters, self.MAX_NODATA, context),
                     model=model, device=device, batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                    force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context))
+                    force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context), embeddings=self._embeddings)
                 result = run_fewshot_map(params, support, out_raster, out_cells, adapter, encoder=encoder)
             finally:
                 if work_dir:

@@ -75,6 +75,8 @@ class FindAnalogsAlgorithm(AnalogAlgorithm):
     AGGREGATE = "AGGREGATE"
     TOP_K = "TOP_K"
     ALLOW_LARGE = "ALLOW_LARGE"
+    EMBEDDINGS = "EMBEDDINGS"
+    KEEP_EMBEDDINGS = "KEEP_EMBEDDINGS"
     OUTPUT_RASTER = "OUTPUT_RASTER"
     OUTPUT_CELLS = "OUTPUT_CELLS"
     OUTPUT_REPORT = "OUTPUT_REPORT"
@@ -124,6 +126,9 @@ leaves no partial files.</p>"""
             [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(
             self.REFERENCE, self.tr("Mars reference image(s)"), QgsProcessing.TypeRaster))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.EMBEDDINGS, self.tr("Embedding raster of the imagery (from Embed area; optional: skips encoding)"),
+            optional=True))
         cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (metres; empty = the reference's "
                                                                      "ground size)"),
                                               defaultValue=None, optional=True, minValue=0.0)
@@ -168,6 +173,11 @@ leaves no partial files.</p>"""
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_REPORT, self.tr("Report (HTML)"), self.tr("HTML files (*.html)"), optional=True,
             createByDefault=False))
+        keep = QgsProcessingParameterRasterDestination(
+            self.KEEP_EMBEDDINGS, self.tr("Keep the embeddings computed on the way (embedding raster)"),
+            optional=True, createByDefault=False)
+        keep.setFlags(keep.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(keep)
         self.addOutput(QgsProcessingOutputVectorLayer(self.OUTPUT_SITES, self.tr("Top analog sites"),
                                                       QgsProcessing.TypeVectorPoint))
         self.addOutput(QgsProcessingOutputNumber(self.CELL_COUNT, self.tr("Number of cells")))
@@ -207,6 +217,13 @@ leaves no partial files.</p>"""
         self._raster_path = gdal_path(layer)
         self._rendered = None if self._raster_path else RenderedRasterSource(layer)
         self._references = reference_paths(self.parameterAsLayerList(parameters, self.REFERENCE, context))
+        from .embed_area import embeddings_parameter_path
+
+        self._embeddings = embeddings_parameter_path(self, parameters, self.EMBEDDINGS, context)
+        if self._embeddings and self._raster_path is None:
+            raise QgsProcessingException(f"'{layer.name()}' is a tile/web layer, but an embedding raster belongs to "
+                                         "an imagery file. Choose the raster file it was made from as the imagery, "
+                                         "or leave the embedding raster empty.")
         return True
 
     # -- worker thread -------------------------------------------------------------------
@@ -216,6 +233,10 @@ leaves no partial files.</p>"""
         out_cells = self.parameterAsOutputLayer(parameters, self.OUTPUT_CELLS, context)
         out_report = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context) or None
         self._check_raster_and_cells(out_raster, out_cells, "dissimilarity raster", "analog cells")
+        keep = self.parameterAsOutputLayer(parameters, self.KEEP_EMBEDDINGS, context) or None
+        if keep and not keep.lower().endswith((".tif", ".tiff")):
+            raise QgsProcessingException(f"The embeddings are kept as a GeoTIFF, but '{keep}' is not a .tif file. "
+                                         "Give a file name ending in .tif.")
         adapter = ProcessingFeedbackAdapter(feedback, 0.0, 95.0 if out_report else 100.0)
         work_dir = None
         written: list[str] = []
@@ -231,7 +252,8 @@ leaves no partial files.</p>"""
             reference_res = self._optional_number(parameters, self.REFERENCE_RESOLUTION, context)
             model = self.parameterAsFile(parameters, self.MODEL, context) or None
             device = (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip()
-            encoder = load_model(model, device)
+            # An embedding raster names its own model: load it there unless one is given.
+            encoder = None if self._embeddings and not model else load_model(model, device)
             try:
                 raster = self._raster_path
                 if raster is None:
@@ -249,9 +271,10 @@ leaves no partial files.</p>"""
                     batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                     aggregate=AGGREGATE_OPTIONS[self.parameterAsEnum(parameters, self.AGGREGATE, context)],
                     force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
-                    top_k=self.parameterAsInt(parameters, self.TOP_K, context))
+                    top_k=self.parameterAsInt(parameters, self.TOP_K, context),
+                    embeddings=self._embeddings, keep_embeddings=keep)
                 result = run_search(params, out_raster, out_cells, adapter, encoder=encoder)
-                written = [out_raster, out_cells]
+                written = [out_raster, out_cells] + ([keep] if keep else [])
                 if out_report:
                     from .report import write_report
 
@@ -277,6 +300,11 @@ leaves no partial files.</p>"""
                 f"{s['dissimilarity']:.4f})" for s in best))
         sites = f"{out_cells}|layername=analog_sites"
         self._style_on_load(context, out_raster, out_cells, sites)
+        from .embed_area import EmbeddingsStyler, tag_layers_with_embeddings
+
+        tag_layers_with_embeddings(context, [out_raster, out_cells], self._embeddings or keep)
+        if keep and context.willLoadLayerOnCompletion(keep):
+            context.layerToLoadOnCompletionDetails(keep).setPostProcessor(EmbeddingsStyler.create())
         results = {
             self.OUTPUT_RASTER: out_raster, self.OUTPUT_CELLS: out_cells, self.OUTPUT_SITES: sites,
             self.CELL_COUNT: n, self.SCORED_COUNT: scored, self.CELLS_PER_SECOND: result.cells_per_s,
@@ -284,6 +312,8 @@ leaves no partial files.</p>"""
         }
         if out_report:
             results[self.OUTPUT_REPORT] = out_report
+        if keep:
+            results[self.KEEP_EMBEDDINGS] = keep
         return results
 
     # -- helpers ---------------------------------------------------------------------------

@@ -57,6 +57,11 @@ class SiameseAnalogProvider(QgsProcessingProvider):
         fewshot = optional_algorithm("fewshot_algorithm", "FewShotLandformAlgorithm")
         if fewshot is not None:
             self.addAlgorithm(fewshot())
+        from .compare_regions import CompareRegionsAlgorithm
+        from .embed_area import EmbedAreaAlgorithm
+
+        for cls in (EmbedAreaAlgorithm, CompareRegionsAlgorithm):
+            self.addAlgorithm(cls())
         self._load_example_model()
 
     def _load_example_model(self) -> None:

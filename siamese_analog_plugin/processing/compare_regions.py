@@ -1,0 +1,241 @@
+"""Processing algorithm ``siameseanalog:compareregions``: Earth regions x Mars references (the paper's table)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterDistance,
+    QgsProcessingParameterField,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
+    QgsProviderRegistry,
+    QgsUnitTypes,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
+
+from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .embed_area import embeddings_parameter_path
+from .layers import gdal_path, reference_paths
+
+__all__ = ["CompareRegionsAlgorithm", "regions_file"]
+
+
+def regions_file(layer: QgsVectorLayer, work_dir_factory) -> tuple[str, str | None]:
+    """``(path, layer name)`` GDAL can read for ``layer``: its own file for an OGR layer, else a
+    GeoPackage written into ``work_dir_factory()`` (memory and database layers). Main thread."""
+    if layer.providerType() == "ogr":
+        parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
+        path = parts.get("path")
+        if path and os.path.exists(path) and not parts.get("subset"):
+            return path, parts.get("layerName") or None
+    path = os.path.join(work_dir_factory(), "regions.gpkg")
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = "regions"
+    from qgis.core import QgsCoordinateTransformContext
+
+    write = getattr(QgsVectorFileWriter, "writeAsVectorFormatV3", None) or QgsVectorFileWriter.writeAsVectorFormatV2
+    result = write(layer, path, QgsCoordinateTransformContext(), options)
+    error = result[0] if isinstance(result, tuple) else result
+    if error != QgsVectorFileWriter.NoError:
+        raise QgsProcessingException(f"The region layer '{layer.name()}' could not be copied for reading "
+                                     f"({result[1] if isinstance(result, tuple) and len(result) > 1 else error}). "
+                                     "Save it as a GeoPackage and run again.")
+    return path, "regions"
+
+
+class CompareRegionsAlgorithm(AnalogAlgorithm):
+    """Every region of a polygon layer against every Mars reference: min, quartiles, best site."""
+
+    ALG_ID = "compareregions"
+    DISPLAY_NAME = "Compare regions with Mars references"
+    SHORT_DESCRIPTION = ("For every Earth region and every Mars reference: the minimum, quartiles and maximum "
+                         "dissimilarity of the region's cells and where its best cell is.")
+
+    INPUT = "INPUT"
+    EMBEDDINGS = "EMBEDDINGS"
+    REGIONS = "REGIONS"
+    NAME_FIELD = "NAME_FIELD"
+    REFERENCE = "REFERENCE"
+    CELL_SIZE = "CELL_SIZE"
+    STRIDE = "STRIDE"
+    MIN_COVERAGE = "MIN_COVERAGE"
+    MAX_NODATA = "MAX_NODATA"
+    BAND = "BAND"
+    REFERENCE_RESOLUTION = "REFERENCE_RESOLUTION"
+    MODEL = "MODEL"
+    DEVICE = "DEVICE"
+    BATCH_SIZE = "BATCH_SIZE"
+    ALLOW_LARGE = "ALLOW_LARGE"
+    OUTPUT_CSV = "OUTPUT_CSV"
+    OUTPUT_HTML = "OUTPUT_HTML"
+    OUTPUT_CELLS = "OUTPUT_CELLS"
+    REGION_COUNT = "REGION_COUNT"
+    REFERENCE_COUNT = "REFERENCE_COUNT"
+
+    HELP = """<p>The comparison table of the analog papers: every <b>Earth region</b> (a polygon, named by a field)
+against every <b>Mars reference</b> image. For each pair: the <b>minimum</b>, <b>quartiles</b>, <b>median</b> and
+<b>maximum</b> dissimilarity over the region's cells (lower = more Mars-like), the longitude/latitude of the
+region's best cell and its number of cells.</p>
+<h3>How to use it</h3>
+<ol>
+<li><b>Earth imagery</b>: a raster file covering the regions; optional when an <b>embedding raster</b> (from
+<i>Embed area</i>) is given: the cells then come from it and nothing is encoded again.</li>
+<li><b>Regions</b>: a polygon layer; features with the same name are one region. A cell belongs to a region
+when its centre lies inside.</li>
+<li><b>Mars references</b>: one column of the table each.</li>
+</ol>
+<h3>Outputs</h3>
+<p>A <b>CSV</b> (columns region, reference, min, q1, median, q3, max, best_lon, best_lat, cells), an
+<b>HTML page</b> with the heatmap of minimum dissimilarity and a box plot per region (opens in the results
+viewer), and optionally the <b>cells</b> (one dissimilarity column per reference).</p>"""
+
+    def initAlgorithm(self, config=None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.INPUT, self.tr("Earth imagery (a raster file; optional with an embedding raster)"), optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.EMBEDDINGS, self.tr("Embedding raster of the imagery (from Embed area; optional)"), optional=True))
+        self.addParameter(QgsProcessingParameterVectorLayer(
+            self.REGIONS, self.tr("Regions (polygons)"), [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(
+            self.NAME_FIELD, self.tr("Field with the region names"), parentLayerParameterName=self.REGIONS))
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.REFERENCE, self.tr("Mars reference image(s)"), QgsProcessing.TypeRaster))
+        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (metres; empty = the reference's "
+                                                                     "ground size, or the embedding raster's)"),
+                                              defaultValue=None, optional=True, minValue=0.0)
+        cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
+        self.addParameter(cell)
+        self.addParameter(QgsProcessingParameterFile(
+            self.MODEL, self.tr("Model file (empty = the shipped encoder, or the embedding raster's)"), extension="pt",
+            optional=True))
+        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride between cells (metres; empty = the "
+                                                                     "cell size)"),
+                                                defaultValue=None, optional=True, minValue=0.0)
+        stride.setDefaultUnit(QgsUnitTypes.DistanceMeters)
+        advanced = [
+            stride,
+            QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the regions"),
+                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
+            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with a larger nodata share than"),
+                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
+            QgsProcessingParameterNumber(self.BAND, self.tr("Band to use (empty = luminance of RGB, or band 1)"),
+                                         QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
+            QgsProcessingParameterNumber(self.REFERENCE_RESOLUTION,
+                                         self.tr("Metres per pixel of references that are not georeferenced"),
+                                         QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
+            QgsProcessingParameterString(self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"),
+                                         defaultValue="auto"),
+            QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
+                                         QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
+            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
+                                          defaultValue=False),
+        ]
+        for param in advanced:
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(param)
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_CSV, self.tr("Table (CSV)"), self.tr("CSV files (*.csv)")))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_HTML, self.tr("Report (HTML: heatmap and box plots)"), self.tr("HTML files (*.html)"),
+            optional=True))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT_CELLS, self.tr("Cells (one dissimilarity column per reference)"),
+            QgsProcessing.TypeVectorPolygon, optional=True, createByDefault=False))
+        self.addOutput(QgsProcessingOutputNumber(self.REGION_COUNT, self.tr("Number of regions")))
+        self.addOutput(QgsProcessingOutputNumber(self.REFERENCE_COUNT, self.tr("Number of references")))
+
+    # -- main thread ---------------------------------------------------------------------
+    def checkParameterValues(self, parameters, context):
+        """The imagery or its embeddings: one of them is needed (both are optional parameters)."""
+        if all(parameters.get(k) in (None, "") for k in (self.INPUT, self.EMBEDDINGS)):
+            return False, ("Give the Earth imagery (a raster file) or its embedding raster (from Embed area).")
+        return super().checkParameterValues(parameters, context)
+
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:
+        """Resolve the layers to files on the main thread (QGIS layers belong to it)."""
+        self._work_dir = None
+        self._embeddings = embeddings_parameter_path(self, parameters, self.EMBEDDINGS, context)
+        self._raster_path = None
+        if parameters.get(self.INPUT) not in (None, ""):
+            layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+            if layer is None or not layer.isValid():
+                raise QgsProcessingException("The Earth imagery layer is missing or cannot be read. Choose a raster "
+                                             "file layer.")
+            self._raster_path = gdal_path(layer)
+            if self._raster_path is None:
+                raise QgsProcessingException(f"'{layer.name()}' is not a raster file (provider "
+                                             f"'{layer.providerType()}'). Save it as a GeoTIFF first, or give its "
+                                             "embedding raster.")
+        regions = self.parameterAsVectorLayer(parameters, self.REGIONS, context)
+        if regions is None or not regions.isValid():
+            raise QgsProcessingException("The region layer is missing or cannot be read. Choose a polygon layer.")
+        self._regions, self._regions_layer = regions_file(regions, self._make_work_dir)
+        self._references = reference_paths(self.parameterAsLayerList(parameters, self.REFERENCE, context))
+        return True
+
+    def _make_work_dir(self) -> str:
+        if self._work_dir is None:
+            self._work_dir = tempfile.mkdtemp(prefix="siamese_regions_")
+        return self._work_dir
+
+    # -- worker thread -------------------------------------------------------------------
+    def processAlgorithm(self, parameters, context, feedback):
+        self.check_dependencies()
+        out_csv = self.parameterAsFileOutput(parameters, self.OUTPUT_CSV, context)
+        out_html = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context) or None
+        out_cells = self.parameterAsOutputLayer(parameters, self.OUTPUT_CELLS, context) or None
+        try:
+            with engine_errors("The comparison"):
+                from ..engine.compare import CompareParams, run_compare
+
+                params = CompareParams(
+                    raster=self._raster_path, regions=self._regions, regions_layer=self._regions_layer,
+                    name_field=self.parameterAsString(parameters, self.NAME_FIELD, context),
+                    references=self._references, embeddings=self._embeddings,
+                    cell_size_m=self._optional_number(parameters, self.CELL_SIZE, context),
+                    stride_m=self._optional_number(parameters, self.STRIDE, context),
+                    min_coverage=self.parameterAsDouble(parameters, self.MIN_COVERAGE, context),
+                    max_nodata=self.parameterAsDouble(parameters, self.MAX_NODATA, context),
+                    band=self._optional_int(parameters, self.BAND, context),
+                    reference_resolution_m=self._optional_number(parameters, self.REFERENCE_RESOLUTION, context),
+                    model=self.parameterAsFile(parameters, self.MODEL, context) or None,
+                    device=(self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
+                    batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                    force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context))
+                result = run_compare(params, out_csv, out_html, out_cells, ProcessingFeedbackAdapter(feedback))
+        finally:
+            if self._work_dir:
+                shutil.rmtree(self._work_dir, ignore_errors=True)
+        for region in result.regions:
+            best = [r for r in result.rows if r["region"] == region and r["cells"]]
+            if best:
+                top = min(best, key=lambda r: r["min"])
+                feedback.pushInfo(f"{region}: most Mars-like against {top['reference']} (minimum dissimilarity "
+                                  f"{top['min']:.4f} at lon {top['best_lon']:.4f}, lat {top['best_lat']:.4f})")
+        if out_cells and context.willLoadLayerOnCompletion(out_cells):
+            from .find_analogs import ResultStyler
+
+            context.layerToLoadOnCompletionDetails(out_cells).setPostProcessor(ResultStyler.create("cells"))
+        results = {self.OUTPUT_CSV: out_csv, self.REGION_COUNT: len(result.regions),
+                   self.REFERENCE_COUNT: len(result.references)}
+        if out_html:
+            results[self.OUTPUT_HTML] = out_html
+        if out_cells:
+            results[self.OUTPUT_CELLS] = out_cells
+        return results
