@@ -109,6 +109,7 @@ class AnalogGui:
         self.draw_action: QAction | None = None
         self.selection_action: QAction | None = None
         self.actions: list[QAction] = []
+        self.similar = None  # the Find similar cells tool and its action (gui.similar_tool.SimilarCellsFace)
         self.last_parameters: dict | None = None  # what the last dialog was opened with
         self.last_status = ""
         self._dialog_open = False
@@ -157,6 +158,9 @@ class AnalogGui:
             self.toolbar.addAction(self.draw_action)
         else:
             self.iface.addToolBarIcon(self.draw_action)
+        from .similar_tool import SimilarCellsFace
+
+        self.similar = SimilarCellsFace(self.iface, self.menu, self.toolbar)
 
     def unload(self) -> None:
         """Remove the actions, unset the tool, remove the rubber band and the area layer."""
@@ -174,6 +178,9 @@ class AnalogGui:
                     pass
             self.tool.setAction(None)
         self.area_layer.remove()
+        if self.similar is not None:
+            self.similar.unload()
+            self.similar = None
         for action in self.actions:
             self.iface.removePluginMenu(self.menu, action)
             if self.toolbar is not None:
