@@ -229,3 +229,35 @@ class TestCompareRegions:
         del params["INPUT"]
         with pytest.raises(QgsProcessingException, match="Give the Earth imagery"):
             run_alg("siameseanalog:compareregions", params)
+
+
+class TestLoadedResults:
+    def test_kept_embeddings_load_styled_and_results_point_to_them(self, analog_provider, tiny_model_path,
+                                                                   qgis_new_project, tmp_path):
+        """As the toolbox runs it: results still styled, tagged with their embedding raster, which is remembered."""
+        import processing
+        from qgis.core import QgsMultiBandColorRenderer, QgsSingleBandPseudoColorRenderer
+
+        from siamese_analog_plugin.embedding_layers import (
+            EMBEDDINGS_LAYER_NAME,
+            EMBEDDINGS_PROPERTY,
+            forget_embeddings,
+            last_embeddings,
+        )
+        from siamese_analog_plugin.styles import CELLS_LAYER_NAME, RASTER_LAYER_NAME
+
+        forget_embeddings()
+        keep = str(tmp_path / "kept.tif")
+        try:
+            processing.runAndLoadResults("siameseanalog:findanalogs", {
+                **search_params(tiny_model_path, tmp_path, "loaded"), "KEEP_EMBEDDINGS": keep})
+            layers = {layer.name(): layer for layer in qgis_new_project.mapLayers().values()}
+            assert {RASTER_LAYER_NAME, CELLS_LAYER_NAME, EMBEDDINGS_LAYER_NAME} <= set(layers)
+            assert isinstance(layers[RASTER_LAYER_NAME].renderer(), QgsSingleBandPseudoColorRenderer)
+            assert isinstance(layers[EMBEDDINGS_LAYER_NAME].renderer(), QgsMultiBandColorRenderer)
+            for name in (RASTER_LAYER_NAME, CELLS_LAYER_NAME):
+                assert layers[name].customProperty(EMBEDDINGS_PROPERTY) == keep
+            assert last_embeddings() == keep
+        finally:
+            forget_embeddings()
+            qgis_new_project.removeAllMapLayers()
