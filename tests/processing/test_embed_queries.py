@@ -222,6 +222,26 @@ class TestCompareRegions:
         assert "\n" not in message
         assert not (tmp_path / "table.csv").exists()
 
+    def test_embeddings_of_another_raster_are_refused(self, run_alg, embedded, tiny_model_path, tmp_path):
+        from osgeo import gdal
+        from qgis.core import QgsProcessingException
+
+        other = str(tmp_path / "copy.tif")
+        gdal.Translate(other, str(SAMPLE_RASTER))
+        params = self._params(tmp_path, tiny_model_path, INPUT=other, EMBEDDINGS=embedded["OUTPUT"])
+        del params["CELL_SIZE"]
+        with pytest.raises(QgsProcessingException) as err:
+            run_alg("siameseanalog:compareregions", params)
+        assert "was made from" in str(err.value) and "\n" not in str(err.value)
+        assert not (tmp_path / "table.csv").exists()
+
+    def test_report_is_an_html_output_for_the_results_viewer(self, analog_provider):
+        from qgis.core import QgsApplication
+
+        alg = QgsApplication.processingRegistry().createAlgorithmById("siameseanalog:compareregions")
+        assert alg.outputDefinition("OUTPUT_HTML").type() == "outputHtml"
+        assert alg.parameterDefinition("NAME_FIELD").parentLayerParameterName() == "REGIONS"
+
     def test_neither_imagery_nor_embeddings_is_refused(self, run_alg, tiny_model_path, tmp_path):
         from qgis.core import QgsProcessingException
 
