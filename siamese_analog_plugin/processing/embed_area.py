@@ -116,7 +116,7 @@ pixels.</p>
 <p>Give it as <b>Embedding raster</b> to <i>Find Mars analog sites</i>, <i>Map landforms from a few
 examples</i> or <i>Compare regions with Mars references</i>: they then skip the encoding (seconds instead of
 minutes) and give the same numbers. The <i>Find similar cells</i> map tool queries it by clicking a cell.</p>
-<h3>Parameters</h3>
+<h3>How to use it</h3>
 <p><b>Imagery</b>: a raster file (GeoTIFF...). <b>Area</b> (optional): polygons; empty = the whole raster.
 <b>Cell size</b> in metres (empty: 100 raster pixels); use the cell size you will search with (e.g. the
 ground size of the Mars reference). <b>Model</b>: empty for the shipped encoder; queries must use the same

@@ -6,7 +6,7 @@ import pytest
 
 from ..conftest import PROVIDER_ID
 
-OURS = ("findanalogs", "trainencoder", "embedimages")
+OURS = ("findanalogs", "trainencoder", "embedimages", "embedarea", "compareregions")
 
 
 @pytest.fixture
