@@ -28,14 +28,19 @@ COMMANDS = (
     ("learning", "register_train"),
     ("learning", "register_evaluate"),
     ("learning", "register_transfer"),
+    ("learning", "register_export"),
     ("bench", "register"),
 )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=128, help="cells encoded together (default: 128)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
+                   help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (onnx when "
+                        "onnxruntime and an .onnx model are there, else torch; default)")
 
 
 def _search_parser(sub) -> None:
@@ -91,7 +96,7 @@ def cmd_search(args) -> int:
         reference_resolution_m=args.reference_resolution, model=args.model, device=args.device,
         batch_size=args.batch_size, aggregate=args.aggregate, max_cells=args.max_cells, force=args.force,
         top_k=args.top, cache_dir=args.cache, amp=args.amp, embeddings=args.embeddings,
-        keep_embeddings=args.keep_embeddings)
+        keep_embeddings=args.keep_embeddings, runtime=args.runtime)
     if not args.raster and not args.embeddings:
         from ..engine.errors import InputError
 
@@ -152,7 +157,7 @@ def cmd_embed(args) -> int:
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
     check_destination(out, "output file")
     paths, emb, device = embed_folder(args.images, args.model, args.device, args.batch_size,
-                                      ConsoleFeedback(quiet=args.quiet))
+                                      ConsoleFeedback(quiet=args.quiet), runtime=args.runtime)
     with atomic_outputs({"npz": out}) as tmp:
         with open(tmp["npz"], "wb") as fh:
             np.savez(fh, paths=np.array(paths), embeddings=emb)
@@ -162,24 +167,34 @@ def cmd_embed(args) -> int:
 
 def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="the model card and the devices available")
-    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.add_argument("--model", default=None, help="model file, .onnx or .pt (default: the shipped model)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"), help="inference runtime")
     p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
     from ..engine.devices import available_devices
-    from ..engine.encoder import default_model_path, load_model
+    from ..engine.runtime import default_model_path, load_runtime, onnxruntime_available, torch_available
 
     print(f"Siamese Analog Finder {__version__}")
-    print(f"devices available: {', '.join(available_devices())}")
-    enc = load_model(args.model, "cpu")
+    if onnxruntime_available():
+        import onnxruntime
+
+        print(f"onnxruntime {onnxruntime.__version__}: {', '.join(onnxruntime.get_available_providers())}")
+    else:
+        print("onnxruntime: not installed")
+    if torch_available():
+        print(f"torch devices available: {', '.join(available_devices())}")
+    else:
+        print("torch: not installed (the onnx runtime needs none)")
+    enc = load_runtime(args.model, args.runtime, "cpu")
     print("\nModel card")
     print(enc.describe())
     card = Path(enc.path).with_name("README.md")
     if not args.model and card.exists():
         print(f"\nFull model card: {card}")
     elif not args.model:
-        print(f"\n(default model: {default_model_path()})")
+        print(f"\n(default model: {default_model_path(enc.runtime)})")
     return 0
 
 

@@ -19,15 +19,19 @@ from ..learning.splits import HeldOutSplit
 
 
 def _model_args(p) -> None:
-    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=128, help="patches encoded together (default: 128)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
+                   help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (onnx when "
+                        "onnxruntime and an .onnx model are there, else torch; default)")
 
 
 def cmd_fewshot(args) -> int:
     feedback = ConsoleFeedback(quiet=args.quiet)
     rows, clf = classify_folder(args.support, args.query, args.model, args.device, args.batch_size, feedback,
-                                scale=args.scale)
+                                scale=args.scale, runtime=args.runtime)
     write_predictions_csv(args.out, rows)
     counts = {c: sum(r["predicted"] == c for r in rows) for c in clf.class_names}
     print("Predicted: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
@@ -60,7 +64,7 @@ def cmd_fewshot_map(args) -> int:
                            cell_size_m=args.cell_size, stride_m=args.stride, min_coverage=args.min_coverage,
                            max_nodata=args.max_nodata, band=args.band, model=args.model, device=args.device,
                            batch_size=args.batch_size, max_cells=args.max_cells, force=args.force, scale=args.scale,
-                           embeddings=args.embeddings)
+                           embeddings=args.embeddings, runtime=args.runtime)
     result = run_fewshot_map(params, support, args.out_raster, args.out_cells, feedback)
     print(f"Classified {int(result.classified.sum()):,} of {len(result.grid):,} cells in {result.seconds:.1f} s:")
     for c, n in result.counts().items():

@@ -202,3 +202,29 @@ def _checked_transfer(args) -> int:
     return cmd_transfer(args)
 
 
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from ..learning.export import export_onnx
+
+    if not str(args.model).lower().endswith(".pt"):
+        raise InputError(f"--model '{args.model}' is not a .pt model file", "Give the .pt file written by train or "
+                                                                           "transfer")
+    out = args.out or str(Path(args.model).with_suffix(".onnx"))
+    if not out.lower().endswith(".onnx"):
+        raise InputError(f"--out '{out}' does not end in .onnx", "Name the ONNX file M.onnx")
+    done = export_onnx(args.model, out)
+    print(f"Wrote {done['path']}: ONNX Runtime's embeddings within {done['max_abs_diff']:.1e} of torch's "
+          f"on {done['patches']} test patches")
+    return 0
+
+
+def register_export(sub) -> None:
+    """Add the ``export-onnx`` command."""
+    p = sub.add_parser("export-onnx", help="write a .pt model as .onnx (for the onnx runtime)",
+                       description="Export a model file to ONNX for ONNX Runtime: the inference network (batch norm "
+                                   "folded), a dynamic batch axis, and the model's metadata inside the file. The "
+                                   "export is checked against torch (embeddings within 1e-5). Needs torch and onnx.")
+    p.add_argument("--model", required=True, help="the .pt model file")
+    p.add_argument("--out", default="", help="the .onnx file to write (default: the model's name with .onnx)")
+    p.set_defaults(func=_cmd_export_onnx)

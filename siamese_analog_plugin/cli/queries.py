@@ -21,9 +21,12 @@ def _grid_args(p, cell_help: str) -> None:
 
 
 def _model_args(p) -> None:
-    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=128, help="cells encoded together (default: 128)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
+                   help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (default)")
 
 
 # -- embed-area ----------------------------------------------------------------------------------
@@ -49,7 +52,7 @@ def cmd_embed_area(args) -> int:
     params = EmbedParams(raster=args.raster, area=area, cell_size_m=args.cell_size, stride_m=args.stride,
                          min_coverage=args.min_coverage, max_nodata=args.max_nodata, band=args.band,
                          model=args.model, device=args.device, batch_size=args.batch_size, max_cells=args.max_cells,
-                         force=args.force)
+                         force=args.force, runtime=args.runtime)
     r = run_embed_area(params, args.out, ConsoleFeedback(quiet=args.quiet))
     print(f"Embedded {r.encoded:,} of {len(r.grid):,} cells of {r.grid.cell_size_m:g} m "
           f"(grid {r.grid.n_rows} x {r.grid.n_cols}) in {r.seconds:.1f} s on {r.device}; wrote {args.out}")
@@ -71,6 +74,8 @@ def register_similar(sub) -> None:
                    help="with several examples: distance to the nearest one or to their mean")
     p.add_argument("--max-nodata", type=float, default=0.5, help="leave out cells with more nodata than this share")
     p.add_argument("--device", default="auto", help="for --image: auto | cpu | cuda (default: auto)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
+                   help="for --image: inference runtime")
     p.add_argument("--out-raster", required=True, help="dissimilarity GeoTIFF to write")
     p.add_argument("--out-cells", required=True, help="GeoPackage of cells to write")
     p.add_argument("--out-png", help="also write a picture of the map")
@@ -89,7 +94,7 @@ def cmd_similar(args) -> int:
         check_destination(args.out_png, "picture")
     params = SimilarParams(embeddings=args.embeddings, points=[tuple(p) for p in args.point] if args.point else None,
                            crs=args.crs, cells=args.cells, images=args.image, aggregate=args.aggregate,
-                           max_nodata=args.max_nodata, device=args.device, top_k=args.top)
+                           max_nodata=args.max_nodata, device=args.device, top_k=args.top, runtime=args.runtime)
     result = run_similar(params, args.out_raster, args.out_cells, ConsoleFeedback(quiet=args.quiet))
     examples = ", ".join(Path(r.path).name for r in result.references)
     report_sites(result, args, f"Cells most like {examples}", "more alike", [args.out_raster, args.out_cells])
@@ -138,7 +143,7 @@ def cmd_compare(args) -> int:
                            cell_size_m=args.cell_size, stride_m=args.stride, min_coverage=args.min_coverage,
                            max_nodata=args.max_nodata, band=args.band, reference_resolution_m=args.reference_resolution,
                            model=args.model, device=args.device, batch_size=args.batch_size,
-                           max_cells=args.max_cells, force=args.force)
+                           max_cells=args.max_cells, force=args.force, runtime=args.runtime)
     result = run_compare(params, args.out_csv, args.out_html, args.out_cells, ConsoleFeedback(quiet=args.quiet))
     width = max(len(r) for r in result.regions) + 2
     print(f"\nMinimum dissimilarity (lower = more Mars-like), {len(result.regions)} regions x "

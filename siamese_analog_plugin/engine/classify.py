@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from .classes import DEFAULT_SCALE, CosineClassifier
-from .encoder import AnalogEncoder, load_model
+from .encoder import AnalogEncoder
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .imagery import images_in_folder, load_image_patch
 from .outputs import atomic_outputs, check_destination
+from .runtime import load_runtime
 from .support import SupportSet, load_labelled_folder
 
 
@@ -52,7 +53,7 @@ def build_classifier(encoder: AnalogEncoder, support: SupportSet | str | os.Path
 def classify_folder(support: str | os.PathLike | SupportSet | None, query: str | os.PathLike,
                     model: str | None = None, device: str = "auto", batch_size: int = 128,
                     feedback: Feedback | None = None, encoder: AnalogEncoder | None = None,
-                    scale: float | None = None) -> tuple[list[dict], CosineClassifier]:
+                    scale: float | None = None, runtime: str = "auto") -> tuple[list[dict], CosineClassifier]:
     """Classify every image under ``query`` from the examples in ``support/<class>/*``.
 
     Returns:
@@ -63,7 +64,7 @@ def classify_folder(support: str | os.PathLike | SupportSet | None, query: str |
     feedback = feedback or Feedback()
     query = Path(query)
     files = images_in_folder(query, "query folder")
-    encoder = encoder or load_model(model, device)
+    encoder = encoder or load_runtime(model, runtime, device)
     clf = build_classifier(encoder, support, scale, batch_size, feedback)
     feedback.log(f"Classes: {', '.join(clf.class_names)}; {len(files)} query images; device {encoder.device}")
     rows: list[dict] = []

@@ -97,6 +97,7 @@ class CompareParams:
     batch_size: int = 128
     max_cells: int = DEFAULT_MAX_CELLS
     force: bool = False
+    runtime: str = "auto"
 
 
 @dataclass
@@ -166,7 +167,7 @@ def run_compare(params: CompareParams, out_csv: str | None = None, out_html: str
                       min_coverage=params.min_coverage, max_nodata=params.max_nodata, band=params.band,
                       reference_resolution_m=params.reference_resolution_m, model=params.model,
                       device=params.device, batch_size=params.batch_size, max_cells=params.max_cells,
-                      force=params.force, embeddings=params.embeddings, top_k=0)
+                      force=params.force, embeddings=params.embeddings, top_k=0, runtime=params.runtime)
     with atomic_outputs({"csv": out_csv, "html": out_html}) as tmp:
         result = run_search(sp, None, out_cells, feedback, encoder)
         grid = result.grid

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 
 from .embeddings import EmbeddingRasterWriter, embedding_facts
-from .encoder import AnalogEncoder, load_model
+from .encoder import AnalogEncoder
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area
 from .imagery import describe_raster
 from .outputs import atomic_outputs, check_destination
+from .runtime import load_runtime
 
 __all__ = ["EmbedParams", "EmbedResult", "run_embed_area"]
 
@@ -43,6 +44,7 @@ class EmbedParams:
     reader_threads: int | None = None
     torch_threads: int | None = None
     block_reads: bool = True
+    runtime: str = "auto"
 
 
 @dataclass
@@ -84,9 +86,9 @@ def run_embed_area(params: EmbedParams, out: str | None, feedback: Feedback | No
                       stride_m=params.stride_m, min_coverage=params.min_coverage, max_nodata=params.max_nodata,
                       band=params.band, model=params.model, device=params.device, batch_size=params.batch_size,
                       max_cells=params.max_cells, force=params.force, reader_threads=params.reader_threads,
-                      torch_threads=params.torch_threads, block_reads=params.block_reads)
+                      torch_threads=params.torch_threads, block_reads=params.block_reads, runtime=params.runtime)
     info = describe_raster(params.raster)
-    encoder = encoder or load_model(params.model, params.device)
+    encoder = encoder or load_runtime(params.model, params.runtime, params.device)
     info, grid = plan_grid(sp, None, feedback, info)
     n = len(grid)
     feedback.log(f"Cells: {n:,} of {grid.cell_size_m:g} m (grid {grid.n_rows} x {grid.n_cols}); "

@@ -81,10 +81,20 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def model_fingerprint(encoder) -> str:
-    """Identity of an encoder's weights: its file's SHA-256, or a hash of its tensors."""
+    """Identity of an encoder's weights: its file's SHA-256, or a hash of its tensors.
+
+    An ``.onnx`` exported from a ``.pt`` has the ``.pt``'s identity (recorded in the file): the
+    same weights on either runtime give the same embeddings (to ~1e-6, below half precision).
+    """
+    source = getattr(encoder, "properties", {}).get("siamese_analog_finder.source_sha256")
+    if source:
+        return "file:" + source
     if encoder.path and os.path.isfile(encoder.path):
         return "file:" + file_sha256(encoder.path)
     h = hashlib.sha256(encoder.metadata.to_json().encode())
+    if getattr(encoder, "runtime", "torch") != "torch":  # an ONNX model held in memory
+        h.update(encoder.model_bytes)
+        return "onnx:" + h.hexdigest()
     for name, tensor in sorted(encoder.network.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())

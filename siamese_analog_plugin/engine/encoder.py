@@ -199,7 +199,7 @@ def _max_pool_2x2_class():
     return MaxPool2x2
 
 
-def optimise_for_inference(network, device):
+def optimise_for_inference(network, device, pool_views: bool | None = None):
     """An eval-mode copy of ``network`` for inference only (``network`` is left as it is).
 
     Every ``Conv2d`` directly followed by a ``BatchNorm2d`` in a ``Sequential`` becomes one
@@ -207,7 +207,8 @@ def optimise_for_inference(network, device):
     weights and bias), and on CPU and CUDA the module is made channels-last. The compact
     encoder's trunk is conv -> BN -> ReLU, so every batch norm is folded; the paper encoder's
     (conv -> ReLU -> BN) has none to fold. On CPU each 2 x 2 max pooling becomes the maximum
-    of four strided views (the same values, 2-3 times faster).
+    of four strided views (the same values, 2-3 times faster); ``pool_views=False`` keeps
+    torch's ``MaxPool2d`` (the ONNX export: ONNX Runtime has its own fast pooling).
     """
     import copy
 
@@ -225,7 +226,7 @@ def optimise_for_inference(network, device):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
                 module._modules[a] = fuse_conv_bn_eval(conv, bn)
                 module._modules[b] = nn.Identity()
-        if torch.device(device).type == "cpu":
+        if pool_views if pool_views is not None else torch.device(device).type == "cpu":
             for name, pool in module._modules.items():
                 if _is_plain_pool_2x2(pool):
                     module._modules[name] = _max_pool_2x2_class()()
@@ -312,7 +313,12 @@ class AnalogEncoder:
         metadata: the :class:`ModelMetadata` from the file.
         device: the ``torch.device`` actually used.
         path: the file it came from (``None`` when built in memory).
+
+    It is the ``torch`` runtime of :mod:`.runtime` (the same inference interface as
+    :class:`~.runtime.OnnxEncoder`).
     """
+
+    runtime = "torch"
 
     def __init__(self, network, metadata: ModelMetadata, device, path: str | None = None) -> None:
         self.network = network.eval().to(device)
@@ -341,6 +347,11 @@ class AnalogEncoder:
     @property
     def input_size(self) -> int:
         return self.metadata.input_size
+
+    @property
+    def provider(self) -> str:
+        """What runs the network: ``torch`` and the device (for the runtime interface)."""
+        return f"torch {self.device}"
 
     @property
     def embedding_dim(self) -> int:
@@ -374,6 +385,13 @@ class AnalogEncoder:
                 x = x.to(self.device)
             return net(x).float().cpu().numpy()
 
+    def embed_normalised(self, x: np.ndarray) -> np.ndarray:
+        """Embed already normalised float32 patches, numpy ``(N, 1, S, S)`` or ``(N, S, S)``;
+        returns ``(N, D)`` float32 (the runtime interface's name for :meth:`embed_tensor`)."""
+        torch = _torch()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.embed_tensor(torch.from_numpy(x if x.ndim == 4 else x[:, None]))
+
     def embed(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Embed grey patches in [0, 1], ``(N, S, S)``, batch by batch. Returns ``(N, D)`` float32."""
         patches = np.asarray(patches, dtype=np.float32)
@@ -397,6 +415,7 @@ class AnalogEncoder:
             f"parameters     : {params:,}",
             f"input          : {m.input_size}x{m.input_size} grey, normalisation {json.dumps(m.normalisation)}",
             f"embedding size : {m.embedding_dim}",
+            "runtime        : torch",
             f"device         : {self.device}",
         ]
         if m.description:

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import AnalogEncoder, load_model
+from .encoder import AnalogEncoder
 from .feedback import Feedback, check_cancelled
 from .imagery import images_in_folder, load_image_patch
+from .runtime import load_runtime
 
 __all__ = ["embed_folder"]
 
 
 def embed_folder(folder: str | os.PathLike, model: str | None = None, device: str = "auto", batch_size: int = 128,
-                 feedback: Feedback | None = None, encoder: AnalogEncoder | None = None):
-    """Embed every image under ``folder`` (recursively).
+                 feedback: Feedback | None = None, encoder: AnalogEncoder | None = None, runtime: str = "auto"):
+    """Embed every image under ``folder`` (recursively), with ``model`` on ``runtime`` (or ``encoder``).
 
     Returns:
         ``(paths, embeddings, device)``: paths relative to ``folder`` with forward slashes,
@@ -28,7 +29,7 @@ def embed_folder(folder: str | os.PathLike, model: str | None = None, device: st
     folder = Path(folder)
     files = images_in_folder(folder)
     feedback = feedback or Feedback()
-    encoder = encoder or load_model(model, device)
+    encoder = encoder or load_runtime(model, runtime, device)
     feedback.log(f"Embedding {len(files)} images on {encoder.device}")
     size = encoder.input_size
     out = np.empty((len(files), encoder.embedding_dim), dtype=np.float32)

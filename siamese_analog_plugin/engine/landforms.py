@@ -11,12 +11,13 @@ import numpy as np
 
 from .classes import class_colours
 from .classify import build_classifier
-from .encoder import AnalogEncoder, load_model
+from .encoder import AnalogEncoder
 from .errors import InputError, OutputError
 from .feedback import Feedback, check_cancelled
 from .grid import Area, CellGrid
 from .imagery import describe_raster
 from .outputs import atomic_outputs, check_destination
+from .runtime import load_runtime
 from .support import LabelledFeatures, SupportSet, support_from_features
 
 CLASS_NODATA = 0  # class raster value of cells outside the area or mostly nodata; classes are 1..C
@@ -34,7 +35,7 @@ class FewShotParams:
         area: polygon to map (``None`` = the raster's extent).
         cell_size_m: cell side in metres (``None`` = 100 raster pixels).
         stride_m, min_coverage, max_nodata, band, max_cells, force: as for a search.
-        model, device, batch_size: the encoder.
+        model, device, batch_size, runtime: the encoder (runtime ``auto``, ``onnx`` or ``torch``).
         scale: logit scale for the confidence (``None``: the model's, else 10).
         max_cells_per_polygon: cells taken from one labelled polygon at most.
         embeddings: an embedding raster (``embed-area``) whose cells are classified instead of
@@ -56,6 +57,7 @@ class FewShotParams:
     scale: float | None = None
     max_cells_per_polygon: int = 64
     embeddings: str | None = None  # an embedding raster of the area to classify instead of encoding
+    runtime: str = "auto"
 
 
 @dataclass
@@ -135,8 +137,8 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
             raise InputError("An embedding raster fixes the area: an area cannot be given with it",
                              "Leave the area out, or embed the new area with 'embed-area'")
     info = describe_raster(params.raster)
-    encoder = encoder or load_model(params.model or (source.facts.model_path if source else None) or None,
-                                    params.device)
+    encoder = encoder or load_runtime(params.model or (source.facts.model_path if source else None) or None,
+                                      params.runtime, params.device)
     if source is not None:
         source.check_model(encoder)
     size = encoder.input_size

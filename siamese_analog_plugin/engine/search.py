@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .embeddings import EmbeddingCache, EmbeddingRaster, EmbeddingRasterWriter, embedding_facts, quantise
-from .encoder import AnalogEncoder, load_model, normalise_in_place
+from .encoder import AnalogEncoder, normalise_in_place
 from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area, CellGrid, build_grid
@@ -47,6 +47,7 @@ from .outputs import (
     write_dissimilarity_raster,
 )
 from .queries import AGGREGATES, ReferenceQuery, reference_columns
+from .runtime import load_runtime
 
 __all__ = [
     "AGGREGATES",
@@ -84,8 +85,9 @@ class SearchParams:
         max_nodata: skip (and mark) cells with more than this share of nodata pixels.
         band: band of the raster to use (``None`` = luminance of RGB / band 1).
         reference_resolution_m: metres per pixel of non-georeferenced references.
-        model: model file (``None`` = the shipped one).
+        model: model file, ``.onnx`` or ``.pt`` (``None`` = the shipped one for the runtime).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        runtime: ``auto``, ``onnx`` (ONNX Runtime) or ``torch`` (see :func:`.runtime.choose_runtime`).
         batch_size: cells encoded together.
         aggregate: with several references, ``nearest`` (distance to the closest one) or
             ``mean`` (distance to their mean embedding).
@@ -104,7 +106,8 @@ class SearchParams:
             differ from float32 by up to ~0.03 (embeddings are unit vectors, distances in
             [0, 2]); ignored on CPU.
         torch_threads: CPU threads of the encoder (``None``: torch's, one per core); on CPU they
-            encode several batches at once (see :class:`_EncoderThreads`).
+            encode several batches at once (see :class:`_EncoderThreads`; with ONNX Runtime,
+            :class:`.runtime.OnnxThreads`).
         block_reads: read a grid row's cells at once when they can be (:class:`ReadPlan`):
             cells of exactly the patch size as slices of one read (the same values), larger
             cells averaged down from one full-resolution read (GDAL's ``average``, to its
@@ -135,6 +138,7 @@ class SearchParams:
     amp: bool = False
     torch_threads: int | None = None
     block_reads: bool = True
+    runtime: str = "auto"
 
 
 @dataclass
@@ -567,8 +571,8 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     else:
         raster = params.raster
     info = describe_raster(raster) if source is None else None  # a bad raster is named before the model loads
-    encoder = encoder or load_model(params.model or (source.facts.model_path if source else None) or None,
-                                    params.device)
+    encoder = encoder or load_runtime(params.model or (source.facts.model_path if source else None) or None,
+                                      params.runtime, params.device)
     if source is not None:
         source.check_model(encoder)
     size = encoder.input_size
@@ -598,7 +602,7 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     nearest = np.full(n, -1, dtype=np.int32)
     per_reference = np.full((n, len(references)), np.nan, dtype=np.float32) if len(references) > 1 else None
     names = reference_names(references)
-    extra: dict = {"cache": "off", "cells_read": 0, "precision": precision,
+    extra: dict = {"cache": "off", "cells_read": 0, "precision": precision, "runtime": encoder.runtime,
                    "embeddings": params.embeddings or "", "raster": raster,
                    "query": "example" if params.examples is not None else "references"}
     facts = None
@@ -739,7 +743,10 @@ def _output_tags(model_path: str | None, device: str, references: list[Reference
 
 
 def describe_device(device) -> str:
-    """The device in words for the log: its name, and the CPU threads torch uses."""
+    """The device in words for the log: its name, and the CPU threads torch uses (an ONNX
+    Runtime device describes itself: torch is not imported)."""
+    if hasattr(device, "describe"):
+        return device.describe()
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
@@ -749,9 +756,11 @@ def describe_device(device) -> str:
 
 def _to_tensor(encoder: AnalogEncoder, patches: np.ndarray):
     """``encoder.to_tensor(patches)``, normalising the batch's own array in place (it is not used
-    afterwards): the same values without new batch-sized arrays."""
+    afterwards): the same values without new batch-sized arrays (for ONNX Runtime, an array)."""
     if patches.dtype != np.float32 or not patches.flags.c_contiguous or not patches.flags.writeable:
         return encoder.to_tensor(patches)
+    if encoder.runtime != "torch":
+        return normalise_in_place(patches, encoder.metadata.normalisation)[:, None]
     import torch
 
     return torch.from_numpy(normalise_in_place(patches, encoder.metadata.normalisation)[:, None])
@@ -759,7 +768,7 @@ def _to_tensor(encoder: AnalogEncoder, patches: np.ndarray):
 
 def _amp_dtype(encoder: AnalogEncoder, amp: bool):
     """Mixed-precision type on CUDA when asked for (bfloat16 where supported), else ``None``."""
-    if not amp or encoder.device.type != "cuda":
+    if not amp or encoder.device.type != "cuda" or encoder.runtime != "torch":
         return None
     import torch
 
@@ -794,7 +803,7 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
 
     n = len(grid)
     size = encoder.input_size
-    pin = encoder.device.type == "cuda"
+    pin = encoder.device.type == "cuda" and encoder.runtime == "torch"
 
     def prepare(idx, patches, valid):
         ok = valid >= min_valid
@@ -815,14 +824,16 @@ def _encode_stream(params: SearchParams, encoder: AnalogEncoder, info: RasterInf
     extra["read_mode"] = plan_reads(info, grid, size).mode if params.block_reads else "cell"
     block = extra["read_mode"] != "cell"
     stop = threading.Event()
-    encoders = _EncoderThreads(encoder.device, params.torch_threads)
+    encoders = _EncoderThreads(encoder.device, params.torch_threads) if encoder.runtime == "torch" else \
+        encoder.thread_plan(params.torch_threads)
     extra["encoder_threads"] = encoders.workers
     extra["torch_threads"] = encoders.per_worker
     feedback.log(f"Reading with {threads} thread(s), {extra['read_mode']} reads; encoding with "
                  f"{encoders.describe()}; precision {extra['precision']}")
     encode_s = waited = 0.0
     done = 0
-    _ = encoder.inference_network  # built here, once, not by the encoder threads at once
+    if encoder.runtime == "torch":
+        _ = encoder.inference_network  # built here, once, not by the encoder threads at once
     pool = ThreadPoolExecutor(max_workers=encoders.workers, thread_name_prefix="analog-encoder",
                               initializer=encoders.enter_worker)
     # The batches being encoded are held (their patches are the encoder's input) until stored.

@@ -43,6 +43,7 @@ class SimilarParams:
     max_nodata: float = 0.5
     device: str = "auto"
     top_k: int = 10
+    runtime: str = "auto"
 
 
 def example_embeddings(source: EmbeddingRaster, params: SimilarParams, encoder=None) -> tuple[list, np.ndarray, list]:
@@ -54,10 +55,10 @@ def example_embeddings(source: EmbeddingRaster, params: SimilarParams, encoder=N
                          "Use --point X Y, --cells ID [ID ...] or --image FILE")
     grid = source.grid
     if params.images:
-        from .encoder import load_model
         from .imagery import load_image_patch
+        from .runtime import load_runtime
 
-        encoder = encoder or load_model(source.facts.model_path or None, params.device)
+        encoder = encoder or load_runtime(source.facts.model_path or None, params.runtime, params.device)
         source.check_model(encoder)
         patches = np.stack([load_image_patch(p, encoder.input_size, what="example image")[0] for p in params.images])
         from pathlib import Path

@@ -386,12 +386,15 @@ def train(config: TrainConfig, feedback=None) -> dict:
                      "landforms across Mars and Earth (contrastive loss)"),
     )
     save_model(out, network, meta)
+    from .export import onnx_beside
+
+    onnx_file = onnx_beside(out, fb.log)  # the same model for the onnx runtime
     split_file = out.with_suffix(".split.json")
     split_file.write_text(json.dumps(split, indent=1))
     elapsed = time.monotonic() - t_start
     fb.log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), {split_file.name}; state in {state_file.name}; "
            f"{elapsed / 60:.1f} min")
-    return {"out": str(out), "state": str(state_file), "split": str(split_file), "metrics": metrics,
+    return {"out": str(out), "onnx": onnx_file, "state": str(state_file), "split": str(split_file), "metrics": metrics,
             "history": history, "seconds": elapsed}
 
 

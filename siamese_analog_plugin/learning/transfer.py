@@ -28,6 +28,7 @@ from ..engine.encoder import AnalogEncoder, ModelMetadata, load_model, save_mode
 from ..engine.errors import InputError, ModelError
 from ..engine.feedback import Feedback, check_cancelled
 from ..engine.support import SupportSet, load_labelled_folder
+from .export import onnx_beside
 from .splits import HeldOutSplit, split_files
 
 __all__ = [
@@ -308,6 +309,7 @@ def transfer_step1(data: str | os.PathLike, out: str | os.PathLike, parent: str 
     }
     save_model(out, net, meta)
     feedback.log(f"Wrote {out} in {seconds:.0f} s")
+    onnx_beside(out, feedback.log)
     return TransferResult(str(out), meta, history, seconds)
 
 
@@ -365,6 +367,7 @@ def transfer_step2(support: str | os.PathLike | SupportSet, out: str | os.PathLi
     }
     save_model(out, encoder.network, meta)
     feedback.log(f"Support accuracy after adaptation {train_acc:.1%}; wrote {out} in {seconds:.1f} s")
+    onnx_beside(out, feedback.log)  # its cosine classifier travels in the ONNX metadata too
     return TransferResult(str(out), meta, [{"support_accuracy": train_acc}], seconds)
 
 
