@@ -19,6 +19,9 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
 )
 from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QIcon
@@ -39,6 +42,7 @@ __all__ = [
 ]
 
 # module -> pip package. numpy/rasterio/shapely/pyproj/osgeo come with QGIS on most installs.
+# The encoder runs on ONNX Runtime (~80 MB) or on torch (~750 MB; training needs it): either will do.
 DEPENDENCIES = {
     "torch": "torch",
     "numpy": "numpy",
@@ -47,24 +51,35 @@ DEPENDENCIES = {
     "pyproj": "pyproj",
     "matplotlib": "matplotlib",
 }
+RUNTIME_ALTERNATIVES = {"torch": "onnxruntime"}  # a module missing that another stands in for
+TRAINING_DEPENDENCIES = {"torch": "torch"}
+RUNTIME_CHOICES = ("auto", "onnx", "torch")
 HELP_URL = "https://github.com/siamese-analog-finder/siamese-analog-finder#readme"
 PLUGIN_DIR = Path(__file__).resolve().parent.parent
 
 
+def _found(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: a blocked import behaves as not installed
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def missing_dependencies(modules: dict[str, str] | None = None) -> list[str]:
-    """The pip names of required modules that cannot be imported (without importing them)."""
+    """The pip names of required modules that cannot be imported (without importing them).
+
+    With the default modules, torch counts as present when ONNX Runtime is (it runs every
+    search, embedding and map); training asks for :data:`TRAINING_DEPENDENCIES` itself.
+    """
     missing = []
     for module, package in (modules or DEPENDENCIES).items():
-        if module in sys.modules:
-            if sys.modules[module] is None:  # blocked import: behaves as not installed
-                missing.append(package)
+        if _found(module):
             continue
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(package)
+        if modules is None and module in RUNTIME_ALTERNATIVES and _found(RUNTIME_ALTERNATIVES[module]):
+            continue
+        missing.append(package)
     return missing
 
 
@@ -75,7 +90,8 @@ def install_hint(packages: list[str]) -> str:
             f"in QGIS's Python. Install them with: python -m pip install {names}")
     if "torch" in packages:
         hint += (" (CPU-only torch, much smaller: python -m pip install torch --index-url "
-                 "https://download.pytorch.org/whl/cpu)")
+                 "https://download.pytorch.org/whl/cpu; to search and map without training, onnxruntime "
+                 "is enough: python -m pip install onnxruntime)")
     hint += (". On Windows run this in the OSGeo4W Shell; on macOS/Linux use the python of QGIS "
              "(QGIS > Python Console: import sys; sys.executable). Then restart QGIS.")
     return hint
@@ -222,6 +238,34 @@ class AnalogAlgorithm(QgsProcessingAlgorithm):
         if missing:
             return False, install_hint(missing)
         return True, ""
+
+    def _model_parameter(self, name: str, description: str) -> QgsProcessingParameterFile:
+        """The optional model file: ``.onnx`` (ONNX Runtime) or ``.pt`` (torch)."""
+        return QgsProcessingParameterFile(name, description, optional=True,
+                                          fileFilter=self.tr("Model files (*.onnx *.pt)"))
+
+    def _runtime_parameter(self, name: str = "RUNTIME") -> QgsProcessingParameterEnum:
+        """The inference runtime (advanced): auto, ONNX Runtime or torch."""
+        param = QgsProcessingParameterEnum(
+            name, self.tr("Inference runtime"),
+            [self.tr("auto (ONNX Runtime when installed and the model is .onnx)"), self.tr("ONNX Runtime"),
+             self.tr("torch")], defaultValue=0)
+        param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        return param
+
+    def _runtime(self, parameters, context, name: str = "RUNTIME") -> str:
+        """The runtime chosen (``auto`` when the parameter is absent, e.g. in older models)."""
+        if parameters.get(name) is None:
+            return "auto"
+        return RUNTIME_CHOICES[self.parameterAsEnum(parameters, name, context)]
+
+    @staticmethod
+    def _model_file_problem(model) -> str | None:
+        """Why a model path cannot be a model file (``None``: it can)."""
+        if isinstance(model, str) and model and not model.lower().endswith((".pt", ".onnx")):
+            return (f"The model '{model}' is not a model file (.onnx or .pt). Give a model written by 'Train "
+                    "Siamese encoder' (or export-onnx), or leave the model empty to use the shipped one.")
+        return None
 
     def check_dependencies(self) -> None:
         """Raise the install hint as a ``QgsProcessingException`` (``processing.run`` skips ``canExecute``)."""

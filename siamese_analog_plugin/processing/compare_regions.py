@@ -14,7 +14,6 @@ from qgis.core import (
     QgsProcessingParameterDefinition,
     QgsProcessingParameterDistance,
     QgsProcessingParameterField,
-    QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
@@ -80,6 +79,7 @@ class CompareRegionsAlgorithm(AnalogAlgorithm):
     REFERENCE_RESOLUTION = "REFERENCE_RESOLUTION"
     MODEL = "MODEL"
     DEVICE = "DEVICE"
+    RUNTIME = "RUNTIME"
     BATCH_SIZE = "BATCH_SIZE"
     ALLOW_LARGE = "ALLOW_LARGE"
     OUTPUT_CSV = "OUTPUT_CSV"
@@ -121,9 +121,8 @@ viewer), and optionally the <b>cells</b> (one dissimilarity column per reference
                                               defaultValue=None, optional=True, minValue=0.0)
         cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         self.addParameter(cell)
-        self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, self.tr("Model file (empty = the shipped encoder, or the embedding raster's)"), extension="pt",
-            optional=True))
+        self.addParameter(self._model_parameter(
+            self.MODEL, self.tr("Model file (empty = the shipped encoder, or the embedding raster's)")))
         stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride between cells (metres; empty = the "
                                                                      "cell size)"),
                                                 defaultValue=None, optional=True, minValue=0.0)
@@ -145,6 +144,7 @@ viewer), and optionally the <b>cells</b> (one dissimilarity column per reference
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
                                           defaultValue=False),
+            self._runtime_parameter(self.RUNTIME),
         ]
         for param in advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -217,7 +217,8 @@ viewer), and optionally the <b>cells</b> (one dissimilarity column per reference
                     model=self.parameterAsFile(parameters, self.MODEL, context) or None,
                     device=(self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
                     batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                    force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context))
+                    force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
+                    runtime=self._runtime(parameters, context, self.RUNTIME))
                 result = run_compare(params, out_csv, out_html, out_cells, ProcessingFeedbackAdapter(feedback))
         finally:
             if self._work_dir:

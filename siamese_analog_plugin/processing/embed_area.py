@@ -16,7 +16,6 @@ from qgis.core import (
     QgsProcessingParameterDefinition,
     QgsProcessingParameterDistance,
     QgsProcessingParameterFeatureSource,
-    QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
@@ -102,6 +101,7 @@ class EmbedAreaAlgorithm(AnalogAlgorithm):
     BAND = "BAND"
     MODEL = "MODEL"
     DEVICE = "DEVICE"
+    RUNTIME = "RUNTIME"
     BATCH_SIZE = "BATCH_SIZE"
     ALLOW_LARGE = "ALLOW_LARGE"
     OUTPUT = "OUTPUT"
@@ -136,8 +136,7 @@ like colours. The embedding raster stays tied to its imagery file: a query refus
                                               defaultValue=None, optional=True, minValue=0.0)
         cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         self.addParameter(cell)
-        self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, self.tr("Model file (empty = the shipped encoder)"), extension="pt", optional=True))
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty = the shipped encoder)")))
         stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride between cells (metres; empty = the "
                                                                      "cell size, no overlap)"),
                                                 defaultValue=None, optional=True, minValue=0.0)
@@ -156,6 +155,7 @@ like colours. The embedding raster stays tied to its imagery file: a query refus
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
                                           defaultValue=False),
+            self._runtime_parameter(self.RUNTIME),
         ]
         for param in advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -199,7 +199,8 @@ like colours. The embedding raster stays tied to its imagery file: a query refus
                 model=self.parameterAsFile(parameters, self.MODEL, context) or None,
                 device=(self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context))
+                force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
+                runtime=self._runtime(parameters, context, self.RUNTIME))
             result = run_embed_area(params, out, ProcessingFeedbackAdapter(feedback))
         grid = result.grid
         feedback.pushInfo(f"Embedded {result.encoded:,} of {len(grid):,} cells of {grid.cell_size_m:g} m "

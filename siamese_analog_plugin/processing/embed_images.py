@@ -28,6 +28,7 @@ class EmbedImagesAlgorithm(AnalogAlgorithm):
     INPUT = "INPUT"
     MODEL = "MODEL"
     DEVICE = "DEVICE"
+    RUNTIME = "RUNTIME"
     BATCH_SIZE = "BATCH_SIZE"
     OUTPUT = "OUTPUT"
     IMAGE_COUNT = "IMAGE_COUNT"
@@ -51,14 +52,14 @@ the search. Cancelling leaves no partial file.</p>"""
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterFile(self.INPUT, self.tr("Image folder"),
                                                      behavior=QgsProcessingParameterFile.Folder))
-        self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, self.tr("Model file (empty = the shipped model)"), extension="pt", optional=True))
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty = the shipped model)")))
         self.addParameter(QgsProcessingParameterString(
             self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), defaultValue="auto"))
         batch = QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Images encoded together (batch size)"),
                                              QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536)
         batch.setFlags(batch.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(batch)
+        self.addParameter(self._runtime_parameter(self.RUNTIME))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT, self.tr("Embeddings"), self.tr("NumPy archives (*.npz)")))
         self.addOutput(QgsProcessingOutputNumber(self.IMAGE_COUNT, self.tr("Number of images")))
@@ -84,7 +85,7 @@ the search. Cancelling leaves no partial file.</p>"""
                 folder, self.parameterAsFile(parameters, self.MODEL, context) or None,
                 (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
                 self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                ProcessingFeedbackAdapter(feedback))
+                ProcessingFeedbackAdapter(feedback), runtime=self._runtime(parameters, context, self.RUNTIME))
             with atomic_outputs({"npz": out}) as tmp:
                 with open(tmp["npz"], "wb") as fh:
                     np.savez(fh, paths=np.array(paths), embeddings=emb)

@@ -106,6 +106,7 @@ class FewShotLandformAlgorithm(AnalogAlgorithm):
     MIN_COVERAGE = "MIN_COVERAGE"
     MAX_NODATA = "MAX_NODATA"
     DEVICE = "DEVICE"
+    RUNTIME = "RUNTIME"
     BATCH_SIZE = "BATCH_SIZE"
     ALLOW_LARGE = "ALLOW_LARGE"
     EMBEDDINGS = "EMBEDDINGS"
@@ -155,8 +156,7 @@ Cancelling leaves no partial files.</p>"""
         self.addParameter(QgsProcessingParameterNumber(
             self.CELL_SIZE, self.tr("Cell size (metres; empty: 100 raster pixels)"),
             QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0))
-        self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, self.tr("Model file (empty: the shipped encoder)"), extension="pt", optional=True))
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty: the shipped encoder)")))
         self.addParameter(QgsProcessingParameterRasterLayer(
             self.EMBEDDINGS, self.tr("Embedding raster of the imagery (from Embed area; optional: skips encoding)"),
             optional=True))
@@ -172,6 +172,7 @@ Cancelling leaves no partial files.</p>"""
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
                                           defaultValue=False),
+            self._runtime_parameter(self.RUNTIME),
         ]
         for param in advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -210,8 +211,8 @@ Cancelling leaves no partial files.</p>"""
         adapter = ProcessingFeedbackAdapter(feedback)
         work_dir = None
         with engine_errors("The landform mapping"):
-            from ..engine.encoder import load_model
             from ..engine.landforms import FewShotParams, run_fewshot_map
+            from ..engine.runtime import load_runtime
 
             support = self._support(parameters, context, feedback)
             area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)
@@ -223,7 +224,8 @@ Cancelling leaves no partial files.</p>"""
                 from ..engine.embeddings import EmbeddingRaster
 
                 model = EmbeddingRaster.open(self._embeddings).facts.model_path or None
-            encoder = load_model(model, device)
+            runtime = self._runtime(parameters, context, self.RUNTIME)
+            encoder = load_runtime(model, runtime, device)
             try:
                 raster = self._raster_path
                 if raster is None:
@@ -237,7 +239,8 @@ Cancelling leaves no partial files.</p>"""
                     stride_m=self._optional_number(parameters, self.STRIDE, context),
                     min_coverage=self.parameterAsDouble(parameters, self.MIN_COVERAGE, context),
                     max_nodata=self.parameterAsDouble(parameters, self.MAX_NODATA, context),
-                    model=model, device=device, batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                    model=model, device=device, runtime=runtime,
+                    batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                     force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context), embeddings=self._embeddings)
                 result = run_fewshot_map(params, support, out_raster, out_cells, adapter, encoder=encoder)
             finally:

@@ -19,7 +19,6 @@ from qgis.core import (
     QgsProcessingParameterDistance,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSource,
-    QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
@@ -68,6 +67,7 @@ class FindAnalogsAlgorithm(AnalogAlgorithm):
     MIN_COVERAGE = "MIN_COVERAGE"
     MODEL = "MODEL"
     DEVICE = "DEVICE"
+    RUNTIME = "RUNTIME"
     BATCH_SIZE = "BATCH_SIZE"
     MAX_NODATA = "MAX_NODATA"
     BAND = "BAND"
@@ -142,8 +142,7 @@ leaves no partial files.</p>"""
         self.addParameter(QgsProcessingParameterNumber(
             self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the area"),
             QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0))
-        self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, self.tr("Model file (empty = the shipped model)"), extension="pt", optional=True))
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty = the shipped model)")))
         self.addParameter(QgsProcessingParameterString(
             self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), defaultValue="auto"))
         advanced = [
@@ -162,6 +161,7 @@ leaves no partial files.</p>"""
                                          QgsProcessingParameterNumber.Integer, 10, minValue=1, maxValue=10000),
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
                                           defaultValue=False),
+            self._runtime_parameter(self.RUNTIME),
         ]
         for param in advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -201,10 +201,9 @@ leaves no partial files.</p>"""
                 continue
             return False, (f"The reference image '{value}' does not exist. Check the path, or choose a PNG, JPEG "
                            "or GeoTIFF of the Mars terrain to match.")
-        model = parameters.get(self.MODEL)
-        if isinstance(model, str) and model and not model.lower().endswith(".pt"):
-            return False, (f"The model '{model}' is not a model file (.pt). Give a model written by 'Train Siamese "
-                           "encoder', or leave the model empty to use the shipped one.")
+        problem = self._model_file_problem(parameters.get(self.MODEL))
+        if problem:
+            return False, problem
         return super().checkParameterValues(parameters, context)
 
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:
@@ -241,8 +240,8 @@ leaves no partial files.</p>"""
         work_dir = None
         written: list[str] = []
         with engine_errors("The search"):
-            from ..engine.encoder import load_model
             from ..engine.outputs import check_destination
+            from ..engine.runtime import load_runtime
             from ..engine.search import SearchParams, run_search
 
             if out_report:
@@ -253,7 +252,8 @@ leaves no partial files.</p>"""
             model = self.parameterAsFile(parameters, self.MODEL, context) or None
             device = (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip()
             # An embedding raster names its own model: load it there unless one is given.
-            encoder = None if self._embeddings and not model else load_model(model, device)
+            runtime = self._runtime(parameters, context, self.RUNTIME)
+            encoder = None if self._embeddings and not model else load_runtime(model, runtime, device)
             try:
                 raster = self._raster_path
                 if raster is None:
@@ -272,7 +272,7 @@ leaves no partial files.</p>"""
                     aggregate=AGGREGATE_OPTIONS[self.parameterAsEnum(parameters, self.AGGREGATE, context)],
                     force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
                     top_k=self.parameterAsInt(parameters, self.TOP_K, context),
-                    embeddings=self._embeddings, keep_embeddings=keep)
+                    embeddings=self._embeddings, keep_embeddings=keep, runtime=runtime)
                 result = run_search(params, out_raster, out_cells, adapter, encoder=encoder)
                 written = [out_raster, out_cells] + ([keep] if keep else [])
                 if out_report:

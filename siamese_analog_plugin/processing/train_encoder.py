@@ -20,7 +20,14 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .base import (
+    TRAINING_DEPENDENCIES,
+    AnalogAlgorithm,
+    ProcessingFeedbackAdapter,
+    engine_errors,
+    install_hint,
+    missing_dependencies,
+)
 
 __all__ = ["TrainEncoderAlgorithm", "training_module"]
 
@@ -112,6 +119,13 @@ no model.</p>"""
                                                                 self.tr("Model files (*.pt)")))
         self.addOutput(QgsProcessingOutputString(self.DEVICE_USED, self.tr("Device used")))
         self.addOutput(QgsProcessingOutputString(self.METRICS, self.tr("Held-out metrics (JSON)")))
+
+    def canExecute(self):
+        """Training needs torch itself (ONNX Runtime only runs trained models)."""
+        missing = missing_dependencies(TRAINING_DEPENDENCIES) + missing_dependencies()
+        if missing:
+            return False, install_hint(list(dict.fromkeys(missing)))
+        return True, ""
 
     def processAlgorithm(self, parameters, context, feedback):
         self.check_dependencies()
