@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--rss-model", default="auto",
                    help="model of the memory runs: auto (the model when fast enough, else tiny), or as --model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch", "both"),
+                   help="inference runtime as the search chooses it (auto), onnx, torch, or both: the figures of "
+                        "auto's choice plus end-to-end and model-only speeds of each runtime")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--naive-seconds", type=float, help="time given to the naive loop (default 20; --quick: 2)")
     p.add_argument("--workdir", help="keep the rasters and outputs here (default: a temporary folder)")
@@ -30,6 +33,15 @@ def register(subparsers) -> None:
                                                       "--quick: 10,000)")
     p.add_argument("--quick", action="store_true", help="small sizes and the tiny model: a smoke run of seconds")
     p.set_defaults(func=cmd_bench)
+
+
+def _export(pt_path: str) -> None:
+    """The onnx runtime's model for a .pt the bench made (the export needs torch and onnx)."""
+    from pathlib import Path
+
+    from ..learning.export import export_onnx
+
+    export_onnx(pt_path, Path(pt_path).with_suffix(".onnx"))
 
 
 def cmd_bench(args) -> int:
@@ -41,7 +53,8 @@ def cmd_bench(args) -> int:
     naive = args.naive_seconds if args.naive_seconds is not None else (2.0 if quick else 20.0)
     requery = args.requery_cells or (10_000 if quick else 1_000_000)
     figures = run_benchmark(cells, rss, model, args.rss_model, args.device, args.batch_size, naive, args.workdir,
-                            log=lambda m: print(m, flush=True), requery_cells=requery)
+                            log=lambda m: print(m, flush=True), requery_cells=requery, runtime=args.runtime,
+                            export=_export)
     print(json.dumps(figures))
     return 0
 

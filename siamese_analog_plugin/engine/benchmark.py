@@ -148,6 +148,41 @@ def peak_rss_mb() -> float:
 
 # -- measurements ------------------------------------------------------------------------
 def _model_only(encoder, x, cells: int) -> tuple[float, str, float]:
+    if encoder.runtime != "torch":
+        return _model_only_onnx(encoder, x, cells)
+    return _model_only_torch(encoder, x, cells)
+
+
+def _model_only_onnx(encoder, x, cells: int) -> tuple[float, str, float]:
+    """:func:`_model_only` on ONNX Runtime: one call at a time on one session of a thread per
+    core, and several at once on the search's shared session (:class:`~.runtime.OnnxThreads`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = os.cpu_count() or 1
+    plan = encoder.thread_plan(None)
+    plan.restore()
+    options = [(1, cores)] if encoder.device.type != "cpu" else [(1, cores), (plan.workers, plan.per_worker)]
+    best = (0.0, "", float("nan"))
+    for workers, threads in dict.fromkeys(options):
+        plan = encoder.thread_plan(cores, workers=workers)
+        reps = max(workers, math.ceil(cells / len(options) / len(x)))
+        try:
+            with ThreadPoolExecutor(workers, initializer=plan.enter_worker) as pool:
+                list(pool.map(lambda _: encoder.embed_tensor(x), range(workers)))  # warm-up
+                t, cpu = time.perf_counter(), time.process_time()
+                list(pool.map(lambda _: encoder.embed_tensor(x), range(reps)))
+                rate = reps * len(x) / (time.perf_counter() - t)
+                used = time.process_time() - cpu
+        finally:
+            plan.restore()
+        how = (f"onnxruntime on {encoder.device}" if encoder.device.type != "cpu" else
+               f"onnxruntime, {threads} thread(s)" if workers == 1 else
+               f"onnxruntime, {workers} batches at once, {threads} thread(s) each")
+        best = max(best, (rate, how, 1e3 * used / (reps * len(x))))
+    return best
+
+
+def _model_only_torch(encoder, x, cells: int) -> tuple[float, str, float]:
     """Cells/s of the encoder alone on a tensor already in memory, how it ran, and the process
     CPU time per cell (ms) of that run.
 
@@ -209,18 +244,12 @@ def _naive(raster: str, grid, encoder, ref_emb: np.ndarray, min_valid: float, se
             mask = ds.read_masks(1, window=win, out_shape=(size, size))
         grey = np.tensordot(lum, data.astype(np.float32), axes=1) / 255.0
         if (mask > 0).mean() >= min_valid:
-            emb = encoder.embed_tensor(_tensor(normalise_patches(grey[None], encoder.metadata.normalisation)))
+            emb = encoder.embed_normalised(normalise_patches(grey[None], encoder.metadata.normalisation))
             float(np.linalg.norm(emb - ref_emb[:1], axis=1).min())
         done += 1
         if time.perf_counter() - t > seconds:
             break
     return done / (time.perf_counter() - t), done
-
-
-def _tensor(x: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x[:, None]))
 
 
 def _search(raster: str, reference: str, cell_size_m: float, encoder, batch_size: int, out_dir: Path,
@@ -236,17 +265,45 @@ def _search(raster: str, reference: str, cell_size_m: float, encoder, batch_size
     return result, time.perf_counter() - t
 
 
+def _compare_runtimes(encoders: dict, raster: str, reference: str, cell_m: float, batch_size: int, out: Path,
+                      patches: np.ndarray, cells: int, log, rounds: int = 2) -> dict:
+    """End-to-end and model-only cells/s of each runtime, measured in turns (``rounds`` times
+    each, the best kept: on a shared machine the load drifts between runs)."""
+    size = patches.shape[-1]
+    found: dict = {name: {"e2e": [], "model": [], "e2e_cpu": [], "model_cpu": []} for name in encoders}
+    for _ in range(rounds):
+        for name, enc in encoders.items():
+            x = enc.to_tensor(np.resize(patches, (batch_size, size, size)))
+            rate, _, cpu = _model_only(enc, x, cells // 2)
+            result, seconds = _search(raster, reference, cell_m, enc, batch_size, out)
+            found[name]["model"].append(rate)
+            found[name]["model_cpu"].append(cpu)
+            found[name]["e2e"].append(len(result.grid) / seconds)
+            found[name]["e2e_cpu"].append(1e3 * result.extra["process_cpu_s"] / len(result.grid))
+    figures = {}
+    log(f"Runtimes (best of {rounds}, in turns; {cells:,} cells):")
+    for name, f in found.items():
+        figures[name] = {"e2e_cells_per_s": round(max(f["e2e"]), 1), "model_cells_per_s": round(max(f["model"]), 1),
+                         "e2e_cpu_ms_per_cell": round(min(f["e2e_cpu"]), 3),
+                         "model_cpu_ms_per_cell": round(min(f["model_cpu"]), 3)}
+        g = figures[name]
+        log(f"  {name:<6}: end to end {g['e2e_cells_per_s']:9,.1f} cells/s ({g['e2e_cpu_ms_per_cell']:.3f} ms CPU a "
+            f"cell), model only {g['model_cells_per_s']:9,.1f} cells/s ({g['model_cpu_ms_per_cell']:.3f} ms CPU a "
+            f"cell) on {encoders[name].device}")
+    return figures
+
+
 def rss_child(argv: list[str]) -> int:
     """Subprocess: one search (outputs written, cache filled), then a cached re-query; prints JSON."""
     p = argparse.ArgumentParser()
-    for name in ("raster", "reference", "requery_reference", "model", "out", "cache", "device"):
+    for name in ("raster", "reference", "requery_reference", "model", "out", "cache", "device", "runtime"):
         p.add_argument("--" + name.replace("_", "-"), required=True)
     p.add_argument("--cell-size", type=float, required=True)
     p.add_argument("--batch-size", type=int, required=True)
     a = p.parse_args(argv)
-    from .encoder import load_model
+    from .runtime import load_runtime
 
-    encoder = load_model(a.model, a.device)
+    encoder = load_runtime(a.model, a.runtime, a.device)
     base = peak_rss_mb()
     out = Path(a.out)
     result, seconds = _search(a.raster, a.reference, a.cell_size, encoder, a.batch_size, out, a.cache)
@@ -261,7 +318,7 @@ def rss_child(argv: list[str]) -> int:
 
 
 def _rss_run(cells: int, cell_px: int, model: str, device: str, batch_size: int, work: Path,
-             refs: tuple[str, str], log) -> dict:
+             refs: tuple[str, str], log, runtime: str = "torch") -> dict:
     side = max(2, math.ceil(math.sqrt(cells)))
     folder = work / f"rss_{cells}"
     folder.mkdir(exist_ok=True)
@@ -269,7 +326,7 @@ def _rss_run(cells: int, cell_px: int, model: str, device: str, batch_size: int,
     cmd = [sys.executable, "-m", "siamese_analog_plugin.engine.benchmark", "rss-child", "--raster", raster,
            "--reference", refs[0], "--requery-reference", refs[1], "--model", model, "--out", str(folder),
            "--cache", str(folder / "cache"), "--device", device, "--cell-size", str(cell_px * PIXEL_M),
-           "--batch-size", str(batch_size)]
+           "--batch-size", str(batch_size), "--runtime", runtime]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -345,21 +402,37 @@ def _embeddings_bench(work: Path, encoder, raster: str, refs: tuple[str, str], c
 
 def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000, 100000), model: str = "shipped",
                   rss_model: str = "auto", device: str = "auto", batch_size: int = 128, naive_seconds: float = 20.0,
-                  workdir: str | None = None, log=print, requery_cells: int = 1_000_000) -> dict:
-    """Run every measurement and return the figures (see the module docstring)."""
-    from .encoder import load_model
+                  workdir: str | None = None, log=print, requery_cells: int = 1_000_000, runtime: str = "auto",
+                  export=None) -> dict:
+    """Run every measurement and return the figures (see the module docstring).
+
+    ``runtime``: ``auto``, ``onnx`` or ``torch`` (the search's choice), or ``both``: the figures
+    of the runtime ``auto`` picks, and a row of end-to-end and model-only speeds for each.
+    ``export(pt_path)``: writes ``.onnx`` beside a ``.pt`` the bench made (the onnx runtime
+    needs it; the export lives on the learning side).
+    """
     from .imagery import load_references
+    from .runtime import choose_runtime, load_runtime
     from .search import SearchParams, describe_device, plan_grid
+
+    both = runtime == "both"
+    runtime = choose_runtime(None, "auto" if both else runtime, device)[0]
+
+    def load(path: str, on: str, dev: str):
+        if on == "onnx" and not path.endswith(".onnx") and not Path(path).with_suffix(".onnx").exists() and export:
+            export(path)
+        return load_runtime(path, on, dev)
 
     tmp = tempfile.TemporaryDirectory(prefix="analog-bench-") if workdir is None else None
     work = Path(workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     try:
         model_path, model_desc = make_bench_model(model, work)
-        encoder = load_model(model_path, device)
+        encoder = load(model_path, runtime, device)
         size = encoder.input_size
         side = max(2, math.ceil(math.sqrt(cells)))
-        log(f"Model: {model_desc}; device {describe_device(encoder.device)}; batch {batch_size}")
+        log(f"Model: {model_desc}; runtime {encoder.runtime}; device {describe_device(encoder.device)}; "
+            f"batch {batch_size}")
         raster = make_bench_raster(work / "area.tif", side, size, bands=3)
         refs = (make_reference_png(work / "ref_a.png", size, 11), make_reference_png(work / "ref_b.png", size, 12))
         cell_m = size * PIXEL_M
@@ -392,8 +465,14 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             f"{model_a:,.1f} before ({how_a}), {model_b:,.1f} after ({how_b}); "
             f"{(cpu_a + cpu_b) / 2:.2f} ms CPU a cell)")
         log(f"             the search encoded with {result.extra.get('encoder_threads')} thread(s) of "
-            f"{result.extra.get('torch_threads')} torch thread(s)")
+            f"{result.extra.get('torch_threads')} {'torch' if encoder.runtime == 'torch' else 'onnxruntime'} "
+            "thread(s)")
         log(f"Ratio      : {e2e_rate / model_rate:10.2f}")
+        runtimes = {}
+        if both:
+            runtimes = _compare_runtimes(
+                {r: encoder if r == runtime else load(model_path, r, device) for r in ("onnx", "torch")},
+                raster, refs[0], cell_m, batch_size, out, patches, len(grid), log)
 
         # Cells rarely fall on whole pixels of the encoder's size: the same raster in cells of
         # 1.5 x that size, each read and resampled (GDAL's average) on its own.
@@ -418,13 +497,13 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             # area take too long here, so it is swapped for the tiny network when needed.
             rss_model = model if e2e_rate * 120 >= max(rss_cells) else "tiny"
         rss_path, rss_desc = make_bench_model(rss_model, work)
-        rss_size = load_model(rss_path, "cpu").input_size
+        rss_size = load(rss_path, runtime, "cpu").input_size
         rss_refs = (make_reference_png(work / "rss_ref_a.png", rss_size, 21),
                     make_reference_png(work / "rss_ref_b.png", rss_size, 22))
         log(f"Peak RSS (fresh process per size, single-band raster, outputs written, cache on; {rss_desc}):")
         rss = {}
         for n in rss_cells:
-            rss[n] = _rss_run(n, rss_size, rss_path, device, batch_size, work, rss_refs, log)
+            rss[n] = _rss_run(n, rss_size, rss_path, device, batch_size, work, rss_refs, log, runtime)
         sizes = sorted(rss)
         growth = rss[sizes[-1]]["peak_rss_mb"] - rss[sizes[0]]["peak_rss_mb"]
         log(f"RSS growth {rss[sizes[0]]['cells']:,} -> {rss[sizes[-1]]['cells']:,} cells: {growth:.1f} MB")
@@ -451,6 +530,8 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
             "model": model_desc,
             "rss_model": rss_desc,
             "device": describe_device(encoder.device),
+            "runtime": encoder.runtime,
+            "runtimes": runtimes,
             "reader_threads": result.extra.get("reader_threads"),
             "encoder_threads": result.extra.get("encoder_threads"),
             "torch_threads": result.extra.get("torch_threads"),

@@ -283,7 +283,7 @@ def _session_options(threads: int | None):
     so.intra_op_num_threads = max(0, int(threads or 0))  # 0: one per physical core
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
-    if threads and threads > 1:
+    if threads != 1:
         # Threads that wait for work do not spin: the reader threads need those cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
