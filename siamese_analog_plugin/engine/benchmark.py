@@ -429,6 +429,8 @@ def run_benchmark(cells: int = 16384, rss_cells: tuple[int, ...] = (1000, 10000,
     try:
         model_path, model_desc = make_bench_model(model, work)
         encoder = load(model_path, runtime, device)
+        if encoder.path and Path(encoder.path).name != Path(model_path).name:  # the .onnx beside the .pt
+            model_desc = f"{model_desc} as {Path(encoder.path).name}"
         size = encoder.input_size
         side = max(2, math.ceil(math.sqrt(cells)))
         log(f"Model: {model_desc}; runtime {encoder.runtime}; device {describe_device(encoder.device)}; "

@@ -206,6 +206,13 @@ class TestTrainingLoop:
         assert losses[-1] < losses[0]
         assert state_path_for(cfg.out).exists()
         assert (tmp_path / "m.split.json").exists()
+        # The same model for ONNX Runtime, beside it, embeds the same.
+        from siamese_analog_plugin.engine.runtime import load_runtime
+
+        assert result["onnx"] == str(tmp_path / "m.onnx")
+        onx = load_runtime(result["onnx"], "onnx", "cpu")
+        assert onx.metadata.to_json() == enc.metadata.to_json()
+        assert np.abs(onx.embed(np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)) - emb).max() < 1e-5
 
     def test_resume_continues_and_same_seed_gives_same_weights(self, folders, tmp_path):
         # A constant rate: the cosine schedule depends on --epochs, so a 1-epoch run stopped early

@@ -103,6 +103,11 @@ class TestStep2:
         rows, clf = classify_folder(None, query, str(out), "cpu")  # no support: the model's own classes
         assert clf.class_names == ["speckle", "stripes"]
         assert all(r["path"].split("/")[0] == r["predicted"] for r in rows)
+        # The .onnx written beside it carries the classes too, and classifies the same on ONNX Runtime.
+        rows_onnx, clf_onnx = classify_folder(None, query, str(out.with_suffix(".onnx")), "cpu", runtime="onnx")
+        assert clf_onnx.class_names == clf.class_names and np.array_equal(clf_onnx.prototypes, clf.prototypes)
+        assert [r["predicted"] for r in rows_onnx] == [r["predicted"] for r in rows]
+        assert max(abs(a["cosine"] - b["cosine"]) for a, b in zip(rows, rows_onnx)) < 1e-5
 
     def test_adaptation_separates_the_support_better(self, tiny_model, tmp_path):
         enc = load_model(tiny_model, "cpu")

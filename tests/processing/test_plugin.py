@@ -48,14 +48,15 @@ def test_load_and_unload(qgis_iface, registry):
 
 
 def test_loads_without_torch_and_says_what_to_install(qgis_iface, registry, monkeypatch, tmp_path):
-    """With torch missing the plugin still loads, the message bar names the install command and
-    the algorithms refuse to run with that same message."""
+    """With torch and ONNX Runtime missing the plugin still loads, the message bar names the install
+    command and the algorithms refuse to run with that same message."""
     import processing
     from qgis.core import Qgis, QgsProcessingException
 
     import siamese_analog_plugin
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if not installed
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     qgis_iface.messageBar().clear_messages()
     plugin = siamese_analog_plugin.classFactory(qgis_iface)
     plugin.initGui()
@@ -75,6 +76,31 @@ def test_loads_without_torch_and_says_what_to_install(qgis_iface, registry, monk
     finally:
         plugin.unload()
     assert registry.providerById(PROVIDER_ID) is None
+
+
+def test_searches_without_torch_when_onnxruntime_is_there(qgis_iface, registry, monkeypatch, tmp_path):
+    """Without torch (a stock QGIS plus onnxruntime) nothing is reported missing, the search runs
+    on ONNX Runtime, and only training asks for torch."""
+    import processing
+
+    import siamese_analog_plugin
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    plugin = siamese_analog_plugin.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        assert plugin.missing == []
+        ok, _ = registry.algorithmById(f"{PROVIDER_ID}:findanalogs").canExecute()
+        assert ok
+        ok, message = registry.algorithmById(f"{PROVIDER_ID}:trainencoder").canExecute()
+        assert not ok and "pip install torch" in message
+        result = processing.run(f"{PROVIDER_ID}:findanalogs", {
+            "INPUT": str(SAMPLE_RASTER), "REFERENCE": [str(SAMPLE_REFERENCE)], "CELL_SIZE": 20000,
+            "OUTPUT_RASTER": str(tmp_path / "d.tif"), "OUTPUT_CELLS": str(tmp_path / "c.gpkg")})
+        assert result["CELL_COUNT"] > 0 and result["SCORED_COUNT"] > 0
+        assert (tmp_path / "d.tif").exists() and (tmp_path / "c.gpkg").exists()
+    finally:
+        plugin.unload()
 
 
 def test_second_copy_does_not_break_the_first(qgis_iface, registry):
