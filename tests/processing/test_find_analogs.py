@@ -142,7 +142,7 @@ class TestBadInput:
         ({"CELL_SIZE": 1_000_000.0}, "larger than the area"),
         ({"DEVICE": "cuda:7"}, "cuda:7"),
         ({"MODEL": "__GARBAGE__"}, "not a Siamese Analog Finder model"),
-        ({"MODEL": "__RASTER__"}, "is not a model file (.pt)"),
+        ({"MODEL": "__RASTER__"}, "is not a model file (.onnx or .pt)"),
         ({"OUTPUT_CELLS": "__SHP__"}, ".gpkg"),
     ])
     def test_engine_errors_become_processing_exceptions(self, run_alg, tiny_model_path, tmp_path, change, words):
