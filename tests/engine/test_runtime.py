@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx  # the exporter's dependency (requirements.txt); running a model needs only onnxruntime
 import pytest
 import rasterio
 from affine import Affine
 
-from siamese_analog_plugin.engine.cache import file_sha256
 from siamese_analog_plugin.engine.classes import CosineClassifier
+from siamese_analog_plugin.engine.embeddings import file_sha256
 from siamese_analog_plugin.engine.encoder import ModelMetadata, load_model
 from siamese_analog_plugin.engine.errors import InputError, ModelError
 from siamese_analog_plugin.engine.image_embeddings import embed_folder
@@ -31,15 +32,17 @@ from siamese_analog_plugin.engine.runtime import (
     load_runtime,
 )
 from siamese_analog_plugin.engine.search import SearchParams, run_search
+from siamese_analog_plugin.learning.export import export_onnx
 
 from .conftest import REPO, SAMPLE_HIRISE, SAMPLE_REFERENCE, smooth_noise, write_raster
-
-onnx = pytest.importorskip("onnx")  # the exporter's dependency (requirements.txt); running needs only onnxruntime
-from siamese_analog_plugin.learning.export import export_onnx  # noqa: E402
 
 SHIPPED_PT = REPO / "models" / "siamese_compact.pt"
 SHIPPED_ONNX = REPO / "models" / "siamese_compact.onnx"
 TOL = 1e-5
+# A search rounds embeddings to half precision (as the embedding raster stores them): a 1e-7
+# difference can move a component across a rounding step (2.4e-4 for components in [0.25, 0.5)),
+# so a few cells' dissimilarities differ by up to about that; most are equal.
+SEARCH_TOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +110,9 @@ class TestParity:
                 out[runtime] = (r, ds.read(1))
         (rt, tif_t), (ro, tif_o) = out["torch"], out["onnx"]
         assert np.array_equal(rt.scored, ro.scored) and rt.scored.sum() > 10 and (~rt.scored).any()
-        assert np.abs(rt.dissimilarity[rt.scored] - ro.dissimilarity[ro.scored]).max() < TOL
-        assert np.abs(tif_t - tif_o).max() < TOL
+        diff = np.abs(rt.dissimilarity[rt.scored] - ro.dissimilarity[ro.scored])
+        assert diff.max() < SEARCH_TOL and np.mean(diff < TOL) > 0.9
+        assert np.abs(tif_t - tif_o).max() < SEARCH_TOL
         assert ro.extra["encoder_threads"] >= 1 and ro.device == "cpu"
 
     def test_fewshot_map_and_embed_agree(self, tiny_model, tiny_onnx, area_raster, tmp_path):
@@ -272,9 +276,9 @@ def test_search_and_embed_without_torch_give_the_same_outputs(area_raster, tmp_p
     r = run_search(SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, runtime="torch"),
                    str(tmp_path / "t.tif"), str(tmp_path / "t.gpkg"))
     with rasterio.open(tmp_path / "o.tif") as a, rasterio.open(tmp_path / "t.tif") as b:
-        assert np.abs(a.read(1) - b.read(1)).max() < TOL
+        assert np.abs(a.read(1) - b.read(1)).max() < SEARCH_TOL
     best = json.JSONDecoder().raw_decode(p.stdout[p.stdout.index("{"):])[0]["best"]
-    assert [s["id"] for s in best] == [s["id"] for s in r.best(5)]
+    assert np.allclose([s["dissimilarity"] for s in best], [s["dissimilarity"] for s in r.best(5)], atol=SEARCH_TOL)
 
     folder = tmp_path / "images"
     folder.mkdir()
