@@ -292,3 +292,18 @@ def test_search_and_embed_without_torch_give_the_same_outputs(area_raster, tmp_p
     # Asking for torch there is a one-line error naming the fix.
     p = _run_no_torch("embed", "--images", str(folder), "--out", str(tmp_path / "f.npz"), "--runtime", "torch")
     assert p.returncode == 1 and "pip install torch" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_an_embedding_raster_made_on_one_runtime_is_queried_on_the_other(area_raster, tmp_path):
+    """The shipped .onnx has the shipped .pt's identity: embeddings made with torch answer a search
+    on ONNX Runtime (and equal a search that encodes)."""
+    from siamese_analog_plugin.engine.embed import EmbedParams, run_embed_area
+
+    emb = str(tmp_path / "emb.tif")
+    run_embed_area(EmbedParams(area_raster, cell_size_m=1000, runtime="torch", device="cpu"), emb)
+    from_raster = run_search(SearchParams(None, str(SAMPLE_REFERENCE), embeddings=emb, runtime="onnx"))
+    encoded = run_search(SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, runtime="torch"))
+    assert from_raster.extra["runtime"] == "onnx" and encoded.extra["runtime"] == "torch"
+    ok = encoded.scored
+    assert np.array_equal(from_raster.scored, ok)
+    assert np.abs(from_raster.dissimilarity[ok] - encoded.dissimilarity[ok]).max() < SEARCH_TOL
