@@ -307,3 +307,21 @@ def test_an_embedding_raster_made_on_one_runtime_is_queried_on_the_other(area_ra
     ok = encoded.scored
     assert np.array_equal(from_raster.scored, ok)
     assert np.abs(from_raster.dissimilarity[ok] - encoded.dissimilarity[ok]).max() < SEARCH_TOL
+
+
+def test_every_engine_module_and_the_command_line_import_without_torch():
+    modules = sorted(f"siamese_analog_plugin.engine.{p.stem}" for p in (REPO / "siamese_analog_plugin" / "engine")
+                     .glob("*.py") if p.stem != "__init__")
+    code = ("import sys, importlib\n"
+            "sys.modules['torch'] = None\n"
+            f"for m in {modules!r} + ['siamese_analog_plugin.cli']:\n"
+            "    importlib.import_module(m)\n"
+            "import siamese_analog_plugin.cli as c; c.build_parser()\n"
+            "from siamese_analog_plugin.engine.runtime import load_runtime\n"
+            "enc = load_runtime(None, 'auto', 'auto')\n"
+            "assert enc.runtime == 'onnx', enc.runtime\n"
+            "print('ok', enc.describe().count('onnxruntime'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO),
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
