@@ -1,7 +1,8 @@
 """QGIS glue: registers the Processing provider, the toolbar and menu, and the map tool.
 
-The plugin loads even when torch or another package is missing: the algorithms stay listed
-(and refuse to run with the install command), and the message bar says what to install.
+The plugin loads even when the inference runtime (onnxruntime or torch) or another package is
+missing: the algorithms stay listed (and refuse to run with the install command), and the message
+bar says what to install.
 """
 
 from __future__ import annotations

@@ -228,13 +228,14 @@ class OnnxDevice:
     type: str = "cpu"
     index: int | None = None
     provider: str = "CPUExecutionProvider"
+    note: str = ""  # why it is not the device asked for, when it is not
 
     def __str__(self) -> str:
         return "cpu" if self.type == "cpu" else f"{self.type}:{self.index or 0}"
 
     def describe(self) -> str:
         """The device in words for the log."""
-        return f"{self} (onnxruntime {self.provider})"
+        return f"{self} (onnxruntime {self.provider}{'; ' + self.note if self.note else ''})"
 
 
 def resolve_onnx_device(name: str | None = "auto") -> OnnxDevice:
@@ -311,7 +312,8 @@ def _open_session(path: Path | bytes, device: OnnxDevice, threads: int | None):
                                        "model empty to use the shipped one") from exc
     used = session.get_providers()[0]
     if used != device.provider:  # asked for CUDA, CUDA's libraries failed to load: ORT fell back
-        device = OnnxDevice()
+        device = OnnxDevice(note=f"{device} was asked for, but ONNX Runtime's {device.provider} did not start "
+                                 "(CUDA or cuDNN libraries missing?); --runtime torch may reach the GPU")
     return session, device
 
 
