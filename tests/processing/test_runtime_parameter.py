@@ -32,7 +32,8 @@ def test_onnx_and_torch_runtimes_make_the_same_map(run_alg, tmp_path):
     assert onnx_res["SCORED_COUNT"] == torch_res["SCORED_COUNT"] > 0
     assert np.abs(onnx_map - torch_map).max() < 5e-4  # half-precision rounding step at most
     # A .pt given with the ONNX runtime runs the .onnx exported beside it.
-    _, pt_on_onnx, log = _run(run_alg, tmp_path, "pt_onnx", RUNTIME=1, MODEL=str(ROOT / "models" / "siamese_compact.pt"))
+    shipped_pt = str(ROOT / "models" / "siamese_compact.pt")
+    _, pt_on_onnx, log = _run(run_alg, tmp_path, "pt_onnx", RUNTIME=1, MODEL=shipped_pt)
     assert "siamese_compact.onnx" in log and np.array_equal(pt_on_onnx, onnx_map)
 
 
