@@ -344,9 +344,11 @@ def _parse_metadata(props: dict[str, str], path) -> ModelMetadata:
 class OnnxThreads:
     """How ONNX Runtime uses the CPU during a search (the counterpart of the search's torch plan).
 
-    ``workers`` threads each run batches on one shared session of ``per_worker`` intra-op
-    threads (a session's ``run`` is thread-safe; with one intra-op thread it runs in the caller's
-    thread). On CUDA one thread feeds the device.
+    ``workers`` threads each run batches on a session of ``per_worker`` intra-op threads: with
+    one intra-op thread (the case up to 4 cores) all share one session, whose ``run`` is
+    thread-safe and runs in the caller's thread; with more, each worker has its own session, so
+    their thread pools do not wait on one another (as each torch worker has its own OpenMP
+    threads). On CUDA one thread feeds the device.
     """
 
     MAX_WORKERS = 4
@@ -361,18 +363,27 @@ class OnnxThreads:
             self.per_worker = max(1, total // self.workers)
         self._encoder = encoder
         self._encoder.session(self.per_worker)  # made once here, not by the workers at once
+        self._slots = iter(range(1 << 30))
+        self._lock = threading.Lock()
 
     def enter_worker(self) -> None:
-        """Run in each encoder thread first: its calls use the session of ``per_worker`` threads."""
-        self._encoder._local.threads = self.per_worker
+        """Run in each encoder thread first: its calls use a session of ``per_worker`` threads
+        (shared when that is one thread, its own otherwise)."""
+        local = self._encoder._local
+        local.threads = self.per_worker
+        if self.per_worker > 1:
+            with self._lock:
+                local.slot = next(self._slots)
 
     def describe(self) -> str:
         if self.workers == 1:
             return f"1 thread ({self.per_worker} onnxruntime thread(s))"
-        return f"{self.workers} threads of {self.per_worker} onnxruntime thread(s) each, one session"
+        sessions = "one session" if self.per_worker == 1 else "a session each"
+        return f"{self.workers} threads of {self.per_worker} onnxruntime thread(s) each, {sessions}"
 
     def restore(self) -> None:
         self._encoder._local.threads = None
+        self._encoder._local.slot = 0
 
 
 class OnnxEncoder:
@@ -423,7 +434,7 @@ class OnnxEncoder:
                              "embeddings)", _EXPORT_FIX)
         enc = cls(path.read_bytes(), meta, dev, str(path), threads,
                   dict(session.get_modelmeta().custom_metadata_map))
-        enc._sessions[threads or 0] = session
+        enc._sessions[(threads or 0, 0)] = session
         return enc
 
     # -- the interface ----------------------------------------------------------------------
@@ -445,16 +456,17 @@ class OnnxEncoder:
 
     def session(self, threads: int | None = None):
         """The InferenceSession of ``threads`` intra-op threads (``None``: this thread's, else
-        :attr:`threads`), made on first use."""
+        :attr:`threads`) and of this thread's slot (a search worker's own session), made on
+        first use."""
         if threads is None:
             threads = getattr(self._local, "threads", None) or self.threads
-        key = int(threads or 0)
+        key = (int(threads or 0), getattr(self._local, "slot", 0))
         session = self._sessions.get(key)
         if session is None:
             with self._lock:
                 session = self._sessions.get(key)
                 if session is None:
-                    session = self._sessions[key] = _open_session(self._bytes, self.device, key)[0]
+                    session = self._sessions[key] = _open_session(self._bytes, self.device, key[0])[0]
         return session
 
     def thread_plan(self, total: int | None = None, workers: int | None = None) -> OnnxThreads:

@@ -244,9 +244,19 @@ class TestThreads:
         r = run_search(SearchParams(area_raster, str(SAMPLE_REFERENCE), cell_size_m=1000, torch_threads=2,
                                     batch_size=8), encoder=enc)
         assert (r.extra["encoder_threads"], r.extra["torch_threads"]) == (2, 1)
-        assert 1 in enc._sessions  # the workers' session: one intra-op thread each
+        assert (1, 0) in enc._sessions  # the workers' shared session: one intra-op thread
         plan = enc.thread_plan(4, workers=1)
         assert (plan.workers, plan.per_worker) == (1, 4) and "4 onnxruntime thread(s)" in plan.describe()
+        # More cores than workers: each worker runs its own session of several threads.
+        plan = enc.thread_plan(4, workers=2)
+        assert (plan.workers, plan.per_worker) == (2, 2) and "a session each" in plan.describe()
+        from concurrent.futures import ThreadPoolExecutor
+
+        x = enc.to_tensor(_patches(8))
+        with ThreadPoolExecutor(2, initializer=plan.enter_worker) as pool:
+            outs = list(pool.map(lambda _: enc.embed_tensor(x), range(4)))
+        plan.restore()
+        assert {(2, 0), (2, 1)} <= set(enc._sessions) and all(np.array_equal(o, outs[0]) for o in outs)
 
 
 _NO_TORCH = """
