@@ -38,6 +38,13 @@ class SiameseAnalogPlugin:
         self.toolbar = None
         self.gui = None
         self.missing: list[str] = []
+        self.install_message = None
+        try:  # packages the plugin's installer put in its own folder (end of sys.path)
+            from .gui.installer import activate_plugin_deps
+
+            activate_plugin_deps()
+        except ImportError:
+            pass
 
     # -- QGIS plugin API -------------------------------------------------------------------
     def initProcessing(self) -> None:
@@ -96,6 +103,24 @@ class SiameseAnalogPlugin:
             return
         hint = install_hint(self.missing)
         QgsMessageLog.logMessage(hint, LOG_TAG, Qgis.MessageLevel.Warning)
+        from .dependencies import PACKAGES
+
+        installable = [name for name in self.missing if name in PACKAGES]
+        if installable and self.iface is not None:
+            from .gui.installer import offer_install
+
+            names = ", ".join(installable)
+            self.install_message = offer_install(
+                self.iface, installable, f"needs {names} in QGIS's Python. Click Install… to install it into the "
+                "plugin's own folder (QGIS's packages stay as they are), or see the log for the command.",
+                on_installed=self._installed)
+            if self.install_message is not None:
+                return
         bar = self.iface.messageBar() if self.iface is not None else None
         if bar is not None:
             bar.pushMessage(LOG_TAG, hint, level=Qgis.MessageLevel.Warning, duration=0)
+
+    def _installed(self, ok: bool) -> None:
+        """After the installer: the algorithms check their dependencies again when run."""
+        if ok:
+            self.missing = missing_dependencies()

@@ -84,16 +84,29 @@ def missing_dependencies(modules: dict[str, str] | None = None) -> list[str]:
 
 
 def install_hint(packages: list[str]) -> str:
-    """A sentence telling exactly what to install, for messages and logs."""
-    names = " ".join(packages)
+    """A sentence telling exactly what to install, for messages and logs.
+
+    ``pip install`` into QGIS's own Python is refused on Debian/Ubuntu (PEP 668) and may replace
+    QGIS's numpy; the command given installs into the plugin's own folder instead.
+    """
+    from qgis.core import QgsApplication
+
+    from .. import dependencies
+
+    target = dependencies.deps_dir(QgsApplication.qgisSettingsDirPath())
     hint = (f"Siamese Analog Finder needs the Python package(s) {', '.join(packages)}, which are not installed "
-            f"in QGIS's Python. Install them with: python -m pip install {names}")
-    if "torch" in packages:
-        hint += (" (CPU-only torch, much smaller: python -m pip install torch --index-url "
-                 "https://download.pytorch.org/whl/cpu; to search and map without training, onnxruntime "
-                 "is enough: python -m pip install onnxruntime)")
-    hint += (". On Windows run this in the OSGeo4W Shell; on macOS/Linux use the python of QGIS "
-             "(QGIS > Python Console: import sys; sys.executable). Then restart QGIS.")
+            "in QGIS's Python. Click Install… in the message bar (Plugins > Siamese Analog Finder > Install "
+            "Python Packages…), or install into the plugin's folder by hand")
+    known = [p for p in packages if p in dependencies.PACKAGES]
+    if known:
+        hint += ": " + dependencies.manual_command(known, target)
+    else:
+        hint += f": python3 -m pip install --target \"{target}\" {' '.join(packages)}"
+    if "torch" in packages and "onnxruntime" not in packages:
+        hint += ("; to search and map without training, ONNX Runtime (much smaller) is enough: "
+                 + dependencies.manual_command(["onnxruntime"], target))
+    hint += (". Debian/Ubuntu: sudo apt install python3-torch also works. Windows: run it in the OSGeo4W Shell. "
+             "See the README (Install) for each platform.")
     return hint
 
 
