@@ -39,6 +39,8 @@ class SiameseAnalogPlugin:
         self.gui = None
         self.missing: list[str] = []
         self.install_message = None
+        self.install_action = None
+        self.installer_dialog = None
         try:  # packages the plugin's installer put in its own folder (end of sys.path)
             from .gui.installer import activate_plugin_deps
 
@@ -68,6 +70,13 @@ class SiameseAnalogPlugin:
         self.toolbar = self.iface.addToolBar(TOOLBAR)
         self.toolbar.setObjectName("SiameseAnalogFinderToolbar")
         self._report_missing_dependencies()
+        from qgis.PyQt.QtWidgets import QAction
+
+        self.install_action = QAction("Install Python Packages…", self.iface.mainWindow())
+        self.install_action.setObjectName("siameseAnalogInstallPackages")
+        self.install_action.setToolTip("Install onnxruntime (searches) or torch (training) into the plugin's folder")
+        self.install_action.triggered.connect(lambda _checked=False: self.open_installer())
+        self.iface.addPluginToMenu(MENU, self.install_action)
         try:
             from .gui.actions import AnalogGui
         except ModuleNotFoundError as exc:
@@ -79,6 +88,10 @@ class SiameseAnalogPlugin:
             self.gui.initGui()
 
     def unload(self) -> None:
+        if self.install_action is not None:
+            self.iface.removePluginMenu(MENU, self.install_action)
+            self.install_action.deleteLater()
+            self.install_action = None
         if self.gui is not None:
             try:
                 self.gui.unload()
@@ -119,6 +132,20 @@ class SiameseAnalogPlugin:
         bar = self.iface.messageBar() if self.iface is not None else None
         if bar is not None:
             bar.pushMessage(LOG_TAG, hint, level=Qgis.MessageLevel.Warning, duration=0)
+
+    def open_installer(self, names: list[str] | None = None):
+        """Open the dependency installer for ``names`` (default: what is missing, else onnxruntime
+        and torch); returns the dialog."""
+        from .dependencies import PACKAGES, missing_packages
+        from .gui.installer import DependencyInstallerDialog
+
+        if names is None:
+            names = [n for n in missing_dependencies() if n in PACKAGES] or missing_packages(list(PACKAGES)) \
+                or ["onnxruntime"]
+        self.installer_dialog = DependencyInstallerDialog(names, parent=self.iface.mainWindow())
+        self.installer_dialog.installed.connect(self._installed)
+        self.installer_dialog.show()
+        return self.installer_dialog
 
     def _installed(self, ok: bool) -> None:
         """After the installer: the algorithms check their dependencies again when run."""

@@ -66,6 +66,8 @@ class DependencyInstallerDialog(QDialog):
         if self.plan.python is None:
             text += ("<br><b>QGIS's Python interpreter was not found</b>, so pip cannot run from here. Install "
                      "by hand as the README says.")
+        elif not self.plan.requirements:
+            text += "<br>Everything is installed already."
         self.label = QLabel(text)
         self.label.setWordWrap(True)
         self.progress = QProgressBar()
