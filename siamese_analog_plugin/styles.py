@@ -7,18 +7,18 @@ function takes a loaded layer and restyles it in place; call them on the main th
 from __future__ import annotations
 
 from qgis.core import (
-    QgsClassificationQuantile,
     QgsColorRampLegendNodeSettings,
     QgsColorRampShader,
     QgsFillSymbol,
     QgsGradientColorRamp,
-    QgsGraduatedSymbolRenderer,
     QgsMarkerSymbol,
     QgsPalLayerSettings,
+    QgsProject,
+    QgsProperty,
     QgsRasterBandStats,
     QgsRasterLayer,
     QgsRasterShader,
-    QgsRendererRange,
+    QgsRuleBasedRenderer,
     QgsSingleBandPseudoColorRenderer,
     QgsStyle,
     QgsTextFormat,
@@ -38,14 +38,24 @@ __all__ = [
     "style_cells",
     "style_sites",
     "style_result_layer",
+    "RESULT_PROPERTY",
+    "is_result_layer",
+    "mark_result_layer",
+    "arrange_result_layers",
 ]
+
+# Custom layer properties on every layer the plugin loads: what it is and which run made it.
+RESULT_PROPERTY = "siamese_analog/result"
+RUN_PROPERTY = "siamese_analog/run"
+# Top to bottom in the layer tree: points and their labels, then outlines, then rasters.
+RESULT_ORDER = ("sites", "examples", "cells", "classes_cells", "raster", "classes_raster")
 
 MORE_MARS_LIKE = "more Mars-like"
 LESS_MARS_LIKE = "less Mars-like"
 RASTER_LAYER_NAME = "Dissimilarity (red = more Mars-like)"
 CELLS_LAYER_NAME = "Analog cells (red = more Mars-like)"
 SITES_LAYER_NAME = "Top analog sites"
-CELL_CLASSES = 5
+BEST_CELLS = 10  # cells outlined as the best ones (rank 1..BEST_CELLS)
 
 
 def analog_ramp() -> QgsGradientColorRamp:
@@ -71,11 +81,21 @@ def _raster_range(layer: QgsRasterLayer) -> tuple[float, float]:
 def style_dissimilarity_raster(layer: QgsRasterLayer, name: str | None = RASTER_LAYER_NAME) -> QgsRasterLayer:
     """Single-band pseudocolour: red = low dissimilarity (more Mars-like), blue = high.
 
-    The legend is a continuous bar labelled "more Mars-like" at the low end.
+    A continuous ramp whose colours fade out towards the less Mars-like end, so the imagery
+    stays visible under most of the map and the best places stand out. The legend is a
+    continuous bar labelled "more Mars-like" at the low end.
     """
     lo, hi = _raster_range(layer)
-    ramp_shader = QgsColorRampShader(lo, hi, analog_ramp(), QgsColorRampShader.Interpolated)
-    ramp_shader.classifyColorRamp(7, 1, layer.extent(), layer.dataProvider())
+    ramp = analog_ramp()
+    stops = 7
+    items = []
+    for i in range(stops):
+        t = i / (stops - 1)
+        color = QColor(ramp.color(t))
+        color.setAlpha(int(round(235 - t * (235 - 70))))  # opaque red -> faint blue
+        items.append(QgsColorRampShader.ColorRampItem(lo + t * (hi - lo), color, f"{lo + t * (hi - lo):.3g}"))
+    ramp_shader = QgsColorRampShader(lo, hi, ramp, QgsColorRampShader.Interpolated)
+    ramp_shader.setColorRampItemList(items)
     legend = QgsColorRampLegendNodeSettings()
     legend.setUseContinuousLegend(True)
     legend.setMinimumLabel(f"{lo:.3g} ({MORE_MARS_LIKE})")
@@ -86,70 +106,121 @@ def style_dissimilarity_raster(layer: QgsRasterLayer, name: str | None = RASTER_
     renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, shader)
     renderer.setClassificationMin(lo)
     renderer.setClassificationMax(hi)
-    renderer.setOpacity(0.8)  # the imagery underneath stays readable
+    renderer.setOpacity(0.85)
     layer.setRenderer(renderer)
     if name:
         layer.setName(name)
+    mark_result_layer(layer, "raster")
     layer.triggerRepaint()
     return layer
 
 
-def style_cells(layer: QgsVectorLayer, field: str = "dissimilarity", name: str | None = CELLS_LAYER_NAME,
-                classes: int = CELL_CLASSES) -> QgsVectorLayer:
-    """Graduated (quantile) fill on dissimilarity: the lowest class red and labelled "more Mars-like".
-
-    Classes come from the scored cells only: unscored cells (NULL) would otherwise count as 0
-    and squash the lowest class.
-    """
-    index = layer.fields().indexOf(field)
-    values = sorted(float(v) for v in layer.uniqueValues(index) if v is not None and not _is_null(v)) \
-        if index >= 0 else []
-    symbol = QgsFillSymbol.createSimple({"color": "200,200,200,180", "outline_style": "no"})
-    method = QgsClassificationQuantile()
-    renderer = QgsGraduatedSymbolRenderer(field)
-    renderer.setClassificationMethod(method)
-    renderer.setSourceSymbol(symbol.clone())
-    ramp = analog_ramp()
-    renderer.setSourceColorRamp(ramp.clone())
-    if values:
-        for cls in method.classes(values, min(classes, len(values))):
-            renderer.addClassRange(QgsRendererRange(cls, symbol.clone()))
-        renderer.updateColorRamp(ramp.clone())
-    ranges = renderer.ranges()
-    if ranges:
-        renderer.updateRangeLabel(0, f"{ranges[0].label()} ({MORE_MARS_LIKE})")
-        if len(ranges) > 1:
-            renderer.updateRangeLabel(len(ranges) - 1, f"{ranges[-1].label()} ({LESS_MARS_LIKE})")
-    layer.setRenderer(renderer)
-    layer.setOpacity(0.75)
+def style_cells(layer: QgsVectorLayer, field: str = "rank", name: str | None = CELLS_LAYER_NAME,
+                best: int = BEST_CELLS) -> QgsVectorLayer:
+    """Outlines only (the raster shows the same values in colour): the best ``best`` cells in
+    a bold red outline, the others a faint grid; skipped cells (rank NULL) are not drawn."""
+    root = QgsRuleBasedRenderer.Rule(None)
+    top = QgsFillSymbol.createSimple({"style": "no", "outline_color": "215,25,28,255", "outline_width": "0.7"})
+    rest = QgsFillSymbol.createSimple({"style": "no", "outline_color": "60,60,60,60", "outline_width": "0.1"})
+    root.appendChild(QgsRuleBasedRenderer.Rule(top, 0, 0, f'"{field}" >= 1 AND "{field}" <= {best}',
+                                               f"best {best} cells ({MORE_MARS_LIKE})"))
+    root.appendChild(QgsRuleBasedRenderer.Rule(rest, 0, 0, f'"{field}" > {best}', "other scored cells"))
+    layer.setRenderer(QgsRuleBasedRenderer(root))
+    _percent_alias(layer)
     if name:
         layer.setName(name)
+    mark_result_layer(layer, "cells")
     layer.triggerRepaint()
     return layer
 
 
-def _is_null(value) -> bool:
-    """QVariant NULLs come back from uniqueValues as NULL objects (3.x) or None (Qt6)."""
-    return hasattr(value, "isNull") and value.isNull()
+def _percent_alias(layer: QgsVectorLayer) -> None:
+    index = layer.fields().indexOf("percentile")
+    if index >= 0:
+        layer.setFieldAlias(index, "percentile (% of scored cells at most this dissimilar)")
 
 
 def style_sites(layer: QgsVectorLayer, name: str | None = SITES_LAYER_NAME) -> QgsVectorLayer:
-    """Red stars labelled with their rank (1 = most Mars-like)."""
-    symbol = QgsMarkerSymbol.createSimple({"name": "star", "color": "215,25,28", "size": "5",
-                                           "outline_color": "0,0,0", "outline_width": "0.3"})
+    """Red stars labelled "#rank" (1 = most Mars-like), labels placed around the star and never
+    over one another (better ranks win the space)."""
+    symbol = QgsMarkerSymbol.createSimple({"name": "star", "color": "255,230,0", "size": "5",
+                                           "outline_color": "0,0,0", "outline_width": "0.4"})
     layer.renderer().setSymbol(symbol)
     settings = QgsPalLayerSettings()
-    settings.fieldName = "rank"
+    settings.fieldName = "'#' || \"rank\""
+    settings.isExpression = True
+    settings.placement = _placement("OrderedPositionsAroundPoint")
+    settings.dist = 1.0
+    settings.displayAll = False  # no overlapping labels
+    props = settings.dataDefinedProperties()
+    props.setProperty(QgsPalLayerSettings.Priority, QgsProperty.fromExpression('10 - least(9, "rank" - 1)'))
+    settings.setDataDefinedProperties(props)
     text = QgsTextFormat()
-    text.setSize(9)
+    text.setSize(10)
+    text.setColor(QColor("black"))
     text.buffer().setEnabled(True)
+    text.buffer().setSize(1.2)
+    text.buffer().setColor(QColor("white"))
     settings.setFormat(text)
     layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
     layer.setLabelsEnabled(True)
+    _percent_alias(layer)
     if name:
         layer.setName(name)
+    mark_result_layer(layer, "sites")
     layer.triggerRepaint()
     return layer
+
+
+def _placement(name: str):
+    """A label placement enum value on QGIS 3.22 (QgsPalLayerSettings.X) and later (Qgis.LabelPlacement.X)."""
+    from qgis.core import Qgis
+
+    scoped = getattr(Qgis, "LabelPlacement", None)
+    if scoped is not None and hasattr(scoped, name):
+        return getattr(scoped, name)
+    return getattr(QgsPalLayerSettings, name)
+
+
+def mark_result_layer(layer, kind: str, run: str | None = None) -> None:
+    """Tag ``layer`` as one of the plugin's results (never offered as input imagery)."""
+    layer.setCustomProperty(RESULT_PROPERTY, kind)
+    if run:
+        layer.setCustomProperty(RUN_PROPERTY, run)
+
+
+def is_result_layer(layer) -> bool:
+    """Whether ``layer`` was loaded by the plugin as a result."""
+    return bool(layer is not None and layer.customProperty(RESULT_PROPERTY, ""))
+
+
+def arrange_result_layers(project: QgsProject | None = None, run: str | None = None) -> None:
+    """Put one run's result layers together in a fixed order (sites on top, then cells, then
+    rasters), where the highest of them was; the imagery stays below them."""
+    project = project or QgsProject.instance()
+    root = project.layerTreeRoot()
+    nodes = [n for n in root.findLayers() if n.layer() is not None and is_result_layer(n.layer())
+             and (run is None or n.layer().customProperty(RUN_PROPERTY, "") == run)]
+    by_parent: dict = {}
+    for node in nodes:
+        by_parent.setdefault(id(node.parent()), (node.parent(), []))[1].append(node)
+    for parent, members in by_parent.values():
+        children = parent.children()
+        start = min(children.index(n) for n in members)
+        # An input raster above the results (inserted there by the user's insertion point) goes below.
+        ordered = sorted(members, key=lambda n: (_order(n.layer()), children.index(n)))
+        if [children[start + i] for i in range(len(ordered)) if start + i < len(children)] == ordered:
+            continue
+        clones = [n.clone() for n in ordered]
+        for n in members:
+            parent.removeChildNode(n)
+        for offset, clone in enumerate(clones):
+            parent.insertChildNode(start + offset, clone)
+
+
+def _order(layer) -> int:
+    kind = layer.customProperty(RESULT_PROPERTY, "")
+    return RESULT_ORDER.index(kind) if kind in RESULT_ORDER else len(RESULT_ORDER)
 
 
 def style_result_layer(layer, kind: str):

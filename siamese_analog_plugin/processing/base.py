@@ -205,6 +205,30 @@ def engine_errors(what: str = "The algorithm"):
         raise QgsProcessingException(install_hint(missing or ["torch"])) from exc
 
 
+def join_help_lines(html: str) -> str:
+    """One line per paragraph: the help panel shows the source's line breaks inside sentences."""
+    return " ".join(line.strip() for line in html.splitlines() if line.strip())
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def device_parameter(name: str, description: str = "Device"):
+    """A choice of device (auto: a GPU when there is one), stored as its name ("auto", "cpu",
+    "cuda"), so remembered settings and scripts keep passing strings."""
+    from qgis.core import QgsProcessingParameterEnum
+
+    param = QgsProcessingParameterEnum(name, description, list(DEVICE_CHOICES), defaultValue="auto",
+                                       usesStaticStrings=True)
+    param.setHelp("auto: the GPU when there is one, else the CPU")
+    return param
+
+
+def device_value(algorithm: QgsProcessingAlgorithm, parameters, name: str, context) -> str:
+    """The chosen device name ("auto" when not set)."""
+    return (algorithm.parameterAsEnumString(parameters, name, context) or "auto").strip()
+
+
 class AnalogAlgorithm(QgsProcessingAlgorithm):
     """Base class: subclasses set ``ALG_ID``, ``DISPLAY_NAME``, ``HELP`` and implement the rest."""
 
@@ -237,7 +261,7 @@ class AnalogAlgorithm(QgsProcessingAlgorithm):
         return self.tr(self.SHORT_DESCRIPTION)
 
     def shortHelpString(self) -> str:
-        return self.tr(self.HELP)
+        return join_help_lines(self.tr(self.HELP))
 
     def helpUrl(self) -> str:
         return HELP_URL

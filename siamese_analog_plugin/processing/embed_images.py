@@ -10,10 +10,9 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
-    QgsProcessingParameterString,
 )
 
-from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, device_parameter, device_value, engine_errors
 
 __all__ = ["EmbedImagesAlgorithm"]
 
@@ -53,8 +52,7 @@ the search. Cancelling leaves no partial file.</p>"""
         self.addParameter(QgsProcessingParameterFile(self.INPUT, self.tr("Image folder"),
                                                      behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty = the shipped model)")))
-        self.addParameter(QgsProcessingParameterString(
-            self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), defaultValue="auto"))
+        self.addParameter(device_parameter(self.DEVICE, self.tr("Device")))
         batch = QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Images encoded together (batch size)"),
                                              QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536)
         batch.setFlags(batch.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -83,7 +81,7 @@ the search. Cancelling leaves no partial file.</p>"""
             check_destination(out, "output file")
             paths, emb, device = embed_folder(
                 folder, self.parameterAsFile(parameters, self.MODEL, context) or None,
-                (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
+                device_value(self, parameters, self.DEVICE, context),
                 self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                 ProcessingFeedbackAdapter(feedback), runtime=self._runtime(parameters, context, self.RUNTIME))
             with atomic_outputs({"npz": out}) as tmp:

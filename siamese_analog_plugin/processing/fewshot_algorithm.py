@@ -25,14 +25,20 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsRendererCategory,
     QgsWkbTypes,
 )
 from qgis.PyQt.QtGui import QColor
 
-from .base import AnalogAlgorithm, KeptAlivePostProcessor, ProcessingFeedbackAdapter, engine_errors
+from .base import (
+    AnalogAlgorithm,
+    KeptAlivePostProcessor,
+    ProcessingFeedbackAdapter,
+    device_parameter,
+    device_value,
+    engine_errors,
+)
 from .layers import RenderedRasterSource, area_from_source, gdal_path
 
 __all__ = ["FewShotLandformAlgorithm", "ClassStyler", "style_class_raster", "style_class_cells"]
@@ -167,7 +173,7 @@ Cancelling leaves no partial files.</p>"""
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
             QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with more nodata than"),
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
-            QgsProcessingParameterString(self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), "auto"),
+            device_parameter(self.DEVICE, self.tr("Device")),
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
@@ -218,7 +224,7 @@ Cancelling leaves no partial files.</p>"""
             area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)
             cell = self._optional_number(parameters, self.CELL_SIZE, context)
             model = self.parameterAsFile(parameters, self.MODEL, context) or None
-            device = (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip()
+            device = device_value(self, parameters, self.DEVICE, context)
             # An embedding raster names its own model: load that one unless a model is given.
             if self._embeddings and not model:
                 from ..engine.embeddings import EmbeddingRaster

@@ -24,13 +24,19 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsProcessingUtils,
     QgsUnitTypes,
 )
 
-from .base import AnalogAlgorithm, KeptAlivePostProcessor, ProcessingFeedbackAdapter, engine_errors
+from .base import (
+    AnalogAlgorithm,
+    KeptAlivePostProcessor,
+    ProcessingFeedbackAdapter,
+    device_parameter,
+    device_value,
+    engine_errors,
+)
 from .layers import RenderedRasterSource, area_from_source, gdal_path, reference_paths
 
 __all__ = ["FindAnalogsAlgorithm", "ResultStyler"]
@@ -41,15 +47,20 @@ AGGREGATE_OPTIONS = ("nearest", "mean")
 class ResultStyler(KeptAlivePostProcessor):
     """Styles a result layer once QGIS has loaded it; make one with ``ResultStyler.create(kind)``."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, run: str = "") -> None:
         super().__init__()
         self.kind = kind
+        self.run = run
 
     def postProcessLayer(self, layer, context, feedback) -> None:
-        from ..styles import style_result_layer
+        from ..styles import arrange_result_layers, mark_result_layer, style_result_layer
 
         if layer is not None and layer.isValid():
             style_result_layer(layer, self.kind)
+            mark_result_layer(layer, self.kind, self.run)
+            project = layer.project() or context.project()
+            if project is not None:
+                arrange_result_layers(project, self.run)
 
 
 class FindAnalogsAlgorithm(AnalogAlgorithm):
@@ -102,7 +113,9 @@ the selected ones. Empty: the whole raster.</li>
 or CTX crop). With several, each cell is compared with the closest one.</li>
 <li><b>Cell size</b> in metres: the ground size of one cell. Match it to the ground size of the
 reference for a like-for-like comparison. Empty: the reference's own ground size when it is
-georeferenced, else 100 raster pixels.</li>
+georeferenced (else 100 raster pixels), but never fewer than 32 imagery pixels a cell: a cell
+of a few coarse pixels has no texture left to compare (the log and the report warn when the
+imagery is much coarser than the reference).</li>
 <li>Run. The results load styled: red cells are the most Mars-like. The optional HTML report shows the
 distribution of dissimilarity with its quartiles and the best sites with their coordinates and a
 picture of each beside the reference.</li>
@@ -113,38 +126,35 @@ cell polygons with <i>dissimilarity</i>, <i>rank</i> (1 = most Mars-like), <i>pe
 <i>lat</i>, <i>status</i>, <i>valid_fraction</i> and the nearest <i>reference</i>; its layer
 <i>analog_sites</i> holds the best sites as points.</p>
 <h3>Tips</h3>
-<p><b>Stride</b> smaller than the cell size makes overlapping cells (finer map, more work). Cells mostly
+<p><b>Stride</b> (empty: the cell size, no overlap) smaller than the cell size makes overlapping cells
+(finer map, more work). <b>Model file</b>: empty uses the shipped encoder. Cells mostly
 outside the area (<b>minimum coverage</b>) or mostly nodata are skipped. The run stops with a clear message
 when the grid would be absurdly large (usually a cell size in the wrong unit); tick <i>Allow very large
-grids</i> to insist. <b>Device</b>: auto (a GPU when there is one), cpu, cuda, cuda:N or mps. Cancelling
+grids</i> to insist. <b>Device</b>: auto (a GPU when there is one), cpu or cuda. Cancelling
 leaves no partial files.</p>"""
 
     def initAlgorithm(self, config=None) -> None:
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Earth imagery (raster layer)")))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Earth imagery")))
         self.addParameter(QgsProcessingParameterFeatureSource(
-            self.AREA, self.tr("Search area (polygons; empty = the raster's extent)"),
+            self.AREA, self.tr("Search area"),
             [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(
             self.REFERENCE, self.tr("Mars reference image(s)"), QgsProcessing.TypeRaster))
         self.addParameter(QgsProcessingParameterRasterLayer(
-            self.EMBEDDINGS, self.tr("Embedding raster of the imagery (from Embed area; optional: skips encoding)"),
-            optional=True))
-        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (metres; empty = the reference's "
-                                                                     "ground size)"),
+            self.EMBEDDINGS, self.tr("Embedding raster"), optional=True))
+        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (m)"),
                                               defaultValue=None, optional=True, minValue=0.0)
         cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         self.addParameter(cell)
-        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride between cells (metres; empty = the "
-                                                                     "cell size, no overlap)"),
+        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride (m)"),
                                                 defaultValue=None, optional=True, minValue=0.0)
         stride.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         self.addParameter(stride)
         self.addParameter(QgsProcessingParameterNumber(
-            self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the area"),
+            self.MIN_COVERAGE, self.tr("Min. cell share inside area"),
             QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0))
-        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty = the shipped model)")))
-        self.addParameter(QgsProcessingParameterString(
-            self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), defaultValue="auto"))
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file")))
+        self.addParameter(device_parameter(self.DEVICE, self.tr("Device")))
         advanced = [
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
@@ -185,6 +195,11 @@ leaves no partial files.</p>"""
         self.addOutput(QgsProcessingOutputNumber(self.CELLS_PER_SECOND, self.tr("Throughput (cells per second)")))
         self.addOutput(QgsProcessingOutputNumber(self.BEST_DISSIMILARITY, self.tr("Lowest dissimilarity")))
         self.addOutput(QgsProcessingOutputString(self.DEVICE_USED, self.tr("Device used")))
+
+    def hasHtmlOutputs(self) -> bool:
+        """The report is optional: without this, the dialog says "HTML output has been generated"
+        after every run, failed ones included (the report's path is logged when there is one)."""
+        return False
 
     # -- main thread ---------------------------------------------------------------------
     def checkParameterValues(self, parameters, context):
@@ -250,7 +265,7 @@ leaves no partial files.</p>"""
             cell = self._optional_number(parameters, self.CELL_SIZE, context)
             reference_res = self._optional_number(parameters, self.REFERENCE_RESOLUTION, context)
             model = self.parameterAsFile(parameters, self.MODEL, context) or None
-            device = (self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip()
+            device = device_value(self, parameters, self.DEVICE, context)
             # An embedding raster names its own model: load it there unless one is given.
             runtime = self._runtime(parameters, context, self.RUNTIME)
             encoder = None if self._embeddings and not model else load_runtime(model, runtime, device)
@@ -281,6 +296,7 @@ leaves no partial files.</p>"""
                     feedback.setProgressText("Writing the report")
                     write_report(out_report, result, raster, top=params.top_k, raster_label=self._raster_name)
                     feedback.setProgress(100)
+                    feedback.pushInfo(f"Report: {out_report}")
             except BaseException:
                 for path in written:  # both outputs or neither: a failed report takes them back
                     _remove(path)
@@ -334,16 +350,19 @@ leaves no partial files.</p>"""
 
     def _style_on_load(self, context: QgsProcessingContext, out_raster: str, out_cells: str, sites: str) -> None:
         """Attach stylers to the outputs QGIS will load, and load the top sites beside the cells."""
+        import uuid
+
+        run = uuid.uuid4().hex  # the stylers put this run's layers together, in a fixed order
         if context.willLoadLayerOnCompletion(out_raster):
-            context.layerToLoadOnCompletionDetails(out_raster).setPostProcessor(ResultStyler.create("raster"))
+            context.layerToLoadOnCompletionDetails(out_raster).setPostProcessor(ResultStyler.create("raster", run))
         if context.willLoadLayerOnCompletion(out_cells):
             details = context.layerToLoadOnCompletionDetails(out_cells)
-            details.setPostProcessor(ResultStyler.create("cells"))
+            details.setPostProcessor(ResultStyler.create("cells", run))
             from ..styles import SITES_LAYER_NAME
 
             context.addLayerToLoadOnCompletion(sites, QgsProcessingContext.LayerDetails(
                 SITES_LAYER_NAME, details.project, self.OUTPUT_SITES, QgsProcessingUtils.LayerHint.Vector))
-            context.layerToLoadOnCompletionDetails(sites).setPostProcessor(ResultStyler.create("sites"))
+            context.layerToLoadOnCompletionDetails(sites).setPostProcessor(ResultStyler.create("sites", run))
 
 
 def _remove(path: str) -> None:

@@ -17,13 +17,14 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
-    QgsProcessingParameterString,
 )
 
 from .base import (
     TRAINING_DEPENDENCIES,
     AnalogAlgorithm,
     ProcessingFeedbackAdapter,
+    device_parameter,
+    device_value,
     engine_errors,
     install_hint,
     missing_dependencies,
@@ -96,8 +97,7 @@ no model.</p>"""
                                                      list(ARCHITECTURES), defaultValue=0))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, self.tr("Epochs"),
                                                        QgsProcessingParameterNumber.Integer, 12, minValue=1))
-        self.addParameter(QgsProcessingParameterString(
-            self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"), defaultValue="auto"))
+        self.addParameter(device_parameter(self.DEVICE, self.tr("Device")))
         number = QgsProcessingParameterNumber
         advanced = [
             number(self.BATCH_SIZE, self.tr("Labelled pairs per batch"), number.Integer, 64, minValue=2),
@@ -148,7 +148,7 @@ no model.</p>"""
             lr=self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
             margin=self.parameterAsDouble(parameters, self.MARGIN, context),
             seed=self.parameterAsInt(parameters, self.SEED, context),
-            device=(self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
+            device=device_value(self, parameters, self.DEVICE, context),
             out=out, resume=self.parameterAsFile(parameters, self.RESUME, context) or None,
             augment=self.parameterAsInt(parameters, self.AUGMENT, context),
             embedding_dim=None if dim in (None, "") else self.parameterAsInt(parameters, self.EMBEDDING_DIM, context),

@@ -20,7 +20,10 @@ def _is_blue(color) -> bool:
 def loaded_results(analog_provider, tiny_model_path, qgis_new_project):
     """Run the search as the toolbox does (results loaded into the project) and return the layers by name."""
     import processing
+    from qgis.core import QgsRasterLayer
 
+    imagery = QgsRasterLayer(str(SAMPLE_RASTER), "imagery")
+    qgis_new_project.addMapLayer(imagery)
     res = processing.runAndLoadResults("siameseanalog:findanalogs", {
         "INPUT": str(SAMPLE_RASTER), "REFERENCE": [str(SAMPLE_REFERENCE)], "CELL_SIZE": FAST_CELL_M,
         "MODEL": tiny_model_path, "DEVICE": "cpu", "OUTPUT_RASTER": "TEMPORARY_OUTPUT",
@@ -30,13 +33,13 @@ def loaded_results(analog_provider, tiny_model_path, qgis_new_project):
     qgis_new_project.removeAllMapLayers()
 
 
-def test_results_load_styled(loaded_results):
-    from qgis.core import QgsGraduatedSymbolRenderer, QgsSingleBandPseudoColorRenderer
+def test_results_load_styled(loaded_results, qgis_new_project):
+    from qgis.core import QgsRuleBasedRenderer, QgsSingleBandPseudoColorRenderer
 
-    from siamese_analog_plugin.styles import CELLS_LAYER_NAME, RASTER_LAYER_NAME, SITES_LAYER_NAME
+    from siamese_analog_plugin.styles import CELLS_LAYER_NAME, RASTER_LAYER_NAME, SITES_LAYER_NAME, is_result_layer
 
     res, layers = loaded_results
-    assert set(layers) == {RASTER_LAYER_NAME, CELLS_LAYER_NAME, SITES_LAYER_NAME}
+    assert set(layers) == {RASTER_LAYER_NAME, CELLS_LAYER_NAME, SITES_LAYER_NAME, "imagery"}
 
     raster = layers[RASTER_LAYER_NAME]
     renderer = raster.renderer()
@@ -45,23 +48,32 @@ def test_results_load_styled(loaded_results):
     items = ramp.colorRampItemList()
     assert _is_red(items[0].color) and _is_blue(items[-1].color)  # low = red (hot), high = blue
     assert items[0].value < items[-1].value
+    # Continuous and see-through where less Mars-like: the imagery shows under most of the map.
+    assert ramp.colorRampType() == ramp.Interpolated
+    alphas = [item.color.alpha() for item in items]
+    assert alphas == sorted(alphas, reverse=True) and alphas[0] > 200 and alphas[-1] < 100
     assert "more Mars-like" in ramp.legendSettings().minimumLabel()
     assert "more Mars-like" in raster.name()
 
+    # Cells: outlines only (the raster shows the values); the best cells stand out.
     cells = layers[CELLS_LAYER_NAME]
-    graduated = cells.renderer()
-    assert isinstance(graduated, QgsGraduatedSymbolRenderer)
-    assert graduated.classAttribute() == "dissimilarity"
-    ranges = graduated.ranges()
-    assert len(ranges) == 5
-    assert _is_red(ranges[0].symbol().color()) and _is_blue(ranges[-1].symbol().color())
-    assert "more Mars-like" in ranges[0].label()
-    # The lowest class holds the best cell.
-    assert ranges[0].lowerValue() <= res["BEST_DISSIMILARITY"] <= ranges[0].upperValue()
+    rules = cells.renderer()
+    assert isinstance(rules, QgsRuleBasedRenderer)
+    best_rule, rest_rule = rules.rootRule().children()
+    assert "rank" in best_rule.filterExpression() and best_rule.symbol().symbolLayer(0).brushStyle() == 0
+    assert _is_red(best_rule.symbol().symbolLayer(0).strokeColor())
+    assert rest_rule.symbol().symbolLayer(0).brushStyle() == 0  # Qt.NoBrush: no fill hides the imagery
 
     sites = layers[SITES_LAYER_NAME]
     assert sites.featureCount() == 5
-    assert sites.labelsEnabled() and sites.labeling().settings().fieldName == "rank"
+    labels = sites.labeling().settings()
+    assert sites.labelsEnabled() and labels.isExpression and "rank" in labels.fieldName
+    assert not labels.displayAll  # labels never overlap ("1" and "9" read as "19")
+
+    # Fixed order, top to bottom: sites, cells, raster, then the user's imagery.
+    order = [node.layer().name() for node in qgis_new_project.layerTreeRoot().findLayers()]
+    assert order == [SITES_LAYER_NAME, CELLS_LAYER_NAME, RASTER_LAYER_NAME, "imagery"]
+    assert all(is_result_layer(layers[n]) for n in order[:3]) and not is_result_layer(layers["imagery"])
 
 
 def test_style_functions_on_a_layer(loaded_results):
