@@ -199,14 +199,16 @@ def cell_columns(dissimilarity: np.ndarray, valid_fraction: np.ndarray, nearest:
                  percentile: np.ndarray | None = None,
                  per_reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Cell-layer columns of the cells ``index``; without ``rank`` and ``percentile`` (unknown
-    until every cell is scored) they are 0 and NaN, as for cells that are not scored. With
-    several references, ``per_reference`` adds each one's own dissimilarity (``d_<name>``)."""
+    until every cell is scored) they are NaN (NULL in the layer), as for cells that are not
+    scored: a rank 0 would sort before rank 1. With several references, ``per_reference`` adds
+    each one's own dissimilarity (``d_<name>``)."""
     d = dissimilarity[index]
     extra = {}
     if per_reference is not None:
         extra = {col: per_reference[index, k] for k, col in enumerate(reference_columns(list(names[:-1])))}
+    r = rank[index] if rank is not None else np.zeros(d.shape, np.int32)
     return {**extra, "dissimilarity": d,
-            "rank": rank[index] if rank is not None else np.zeros(d.shape, np.int32),
+            "rank": np.where(r > 0, r, np.nan),
             "percentile": percentile[index] if percentile is not None else np.full(d.shape, np.nan, np.float32),
             "status": np.where(np.isfinite(d), STATUS_SCORED, STATUS_NODATA), "valid_fraction": valid_fraction[index],
             "reference": names[nearest[index]]}

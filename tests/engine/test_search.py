@@ -103,7 +103,8 @@ class TestNodata:
         assert status[(0, 1)] == "scored" and status[(0, 3)] == "scored"
         cells, _, _ = read_cells(str(tmp_path / "c.gpkg"))
         skipped = [c for c in cells if c["status"] == "nodata"]
-        assert len(skipped) == 2 and all(c["dissimilarity"] is None and c["rank"] == 0 for c in skipped)
+        assert len(skipped) == 2 and all(c["dissimilarity"] is None and c["rank"] is None
+                                         and c["percentile"] is None for c in skipped)
         with rasterio.open(tmp_path / "d.tif") as ds:
             assert (ds.read(1)[:, 0] == NODATA).all()
 

@@ -102,8 +102,10 @@ class TestSameFilesAsWritingAtTheEnd:
         assert streamed == at_end
         cells = streamed["cells"]
         names = [n for n, _ in cells["fields"]]
-        ranks = sorted(v[names.index("rank")] for _, v, _ in cells["features"])
-        assert ranks[-1] == result.scored.sum() and len(streamed["analog_sites"]["features"]) == 7
+        ranks = [v[names.index("rank")] for _, v, _ in cells["features"]]
+        assert ranks.count(None) == (~result.scored).sum()  # skipped cells: NULL, not a rank 0 before rank 1
+        assert sorted(r for r in ranks if r is not None) == list(range(1, result.scored.sum() + 1))
+        assert ranks and len(streamed["analog_sites"]["features"]) == 7
         assert len(streamed["rtree"]) == len(result.grid)
 
     def test_outputs_from_the_cache_equal_the_first_search(self, scene, tiny_model, tmp_path):

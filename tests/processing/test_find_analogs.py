@@ -51,7 +51,7 @@ class TestWholeRaster:
         assert np.allclose(np.sort(finite), np.sort(np.array(scored, dtype=float)), atol=1e-5)
         assert res["BEST_DISSIMILARITY"] == pytest.approx(finite.min(), abs=1e-5)
         # Ranks: 1..N over the scored cells, rank 1 the lowest dissimilarity.
-        ranked = sorted((f["rank"], f["dissimilarity"]) for f in cells.getFeatures() if f["rank"] > 0)
+        ranked = sorted((f["rank"], f["dissimilarity"]) for f in cells.getFeatures() if f["status"] == "scored")
         assert [r for r, _ in ranked] == list(range(1, len(scored) + 1))
         assert ranked[0][1] == pytest.approx(min(scored))
 
@@ -125,9 +125,9 @@ class TestReferencesAndReport:
         # the histogram + for each of the 3 best sites a cell thumbnail and a reference thumbnail
         assert text.count("data:image/png;base64,") == 1 + 3 * 2
         cells = cells_of(res["OUTPUT_CELLS"])
-        best = min((f for f in cells.getFeatures() if f["rank"] > 0), key=lambda f: f["rank"])
+        best = min((f for f in cells.getFeatures() if f["status"] == "scored"), key=lambda f: f["rank"])
         assert f"{best['lon']:.5f}" in text and f"{best['lat']:.5f}" in text
-        assert {f["reference"] for f in cells.getFeatures() if f["rank"] > 0} <= {p.name for p in SAMPLE_HIRISE}
+        assert {f["reference"] for f in cells.getFeatures() if f["status"] == "scored"} <= {p.name for p in SAMPLE_HIRISE}
 
     def test_stride_overlaps_cells(self, run_alg, tiny_model_path):
         area = polygon_layer([box_wkt(*AREA_BOX)])
