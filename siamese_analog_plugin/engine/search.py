@@ -34,7 +34,7 @@ import numpy as np
 
 from .embeddings import EmbeddingCache, EmbeddingRaster, EmbeddingRasterWriter, embedding_facts, quantise
 from .encoder import AnalogEncoder, normalise_in_place
-from .errors import InputError
+from .errors import AnalogFinderError, InputError
 from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area, CellGrid, build_grid
 from .imagery import GreyReader, RasterInfo, ReferenceImage, describe_raster, load_references
@@ -54,6 +54,7 @@ __all__ = [
     "SearchParams",
     "SearchResult",
     "plan_grid",
+    "scale_warnings",
     "default_cell_size_m",
     "iter_patch_batches",
     "plan_reads",
@@ -214,20 +215,66 @@ def cell_columns(dissimilarity: np.ndarray, valid_fraction: np.ndarray, nearest:
             "reference": names[nearest[index]]}
 
 
-def default_cell_size_m(info: RasterInfo, references: list[ReferenceImage]) -> tuple[float, str]:
-    """Cell size when none is given: the references' ground size (same scale), else 100 pixels."""
-    grounds = [r.ground_size_m for r in references if r.ground_size_m]
-    if grounds:
-        return float(np.median(grounds)), "the Mars reference's ground size"
+MIN_CELL_PIXELS = 32  # a cell of fewer imagery pixels a side has little texture left to compare
+
+
+def raster_pixel_m(info: RasterInfo) -> float:
+    """The raster's pixel width on the ground in metres (at the centre for geographic CRSs)."""
     from .geo import metres_per_degree, metres_per_unit, to_crs
 
     crs = to_crs(info.crs_wkt)
     if crs.is_geographic:
         mx, _ = metres_per_degree(crs, (info.bounds[1] + info.bounds[3]) / 2)
-        pixel_m = info.res[0] * mx
-    else:
-        pixel_m = info.res[0] * metres_per_unit(crs)
+        return info.res[0] * mx
+    return info.res[0] * metres_per_unit(crs)
+
+
+def default_cell_size_m(info: RasterInfo, references: list[ReferenceImage]) -> tuple[float, str]:
+    """Cell size when none is given: the references' ground size (same scale), but at least
+    :data:`MIN_CELL_PIXELS` raster pixels; 100 raster pixels when the references' ground size
+    is unknown. One function for the search and the drawing tool's estimate."""
+    pixel_m = raster_pixel_m(info)
+    grounds = [r.ground_size_m for r in references if r.ground_size_m]
+    if grounds:
+        ground = float(np.median(grounds))
+        if ground >= MIN_CELL_PIXELS * pixel_m:
+            return ground, "the Mars reference's ground size"
+        return MIN_CELL_PIXELS * pixel_m, (f"{MIN_CELL_PIXELS} imagery pixels: the Mars reference's ground size, "
+                                           f"{ground:,.0f} m, is only {ground / pixel_m:.1f} pixels of this imagery")
     return 100 * pixel_m, "100 raster pixels (the reference's ground resolution is unknown)"
+
+
+def scale_warnings(info: RasterInfo, cell_size_m: float, references: list[ReferenceImage] = ()) -> list[str]:
+    """Plain warnings when the comparison is not like for like: a cell spans too few imagery
+    pixels, or the imagery is much coarser than the reference."""
+    pixel_m = raster_pixel_m(info)
+    out = []
+    pixels = cell_size_m / pixel_m if pixel_m > 0 else float("inf")
+    if pixels < MIN_CELL_PIXELS - 0.5:  # the default of 32 pixels rounds to a few metres less
+        out.append(f"A cell of {cell_size_m:,.0f} m spans only {pixels:.1f} pixels of the imagery ({pixel_m:,.1f} m "
+                   f"a pixel), blown up to the network's input: such cells have little texture, so featureless "
+                   f"places (water) can rank best. Use cells of at least {MIN_CELL_PIXELS * pixel_m:,.0f} m or "
+                   "finer imagery.")
+    ratio = _imagery_to_reference(pixel_m, references)
+    if ratio is not None and ratio > 10:
+        out.append(f"The imagery ({pixel_m:,.1f} m a pixel) is {ratio:,.0f} times coarser than the Mars reference: "
+                   "the same texture is seen at very different detail. Finer imagery (or a coarser reference) "
+                   "compares better.")
+    return out
+
+
+def _imagery_to_reference(pixel_m: float, references: list[ReferenceImage]) -> float | None:
+    """How many times coarser an imagery pixel is than a reference pixel (median), when known."""
+    res = []
+    for ref in references:
+        if not ref.ground_size_m:
+            continue
+        try:
+            with GreyReader(ref.path, what="reference image") as reader:
+                res.append(ref.ground_size_m / max(min(reader.ds.width, reader.ds.height), 1))
+        except AnalogFinderError:
+            continue
+    return pixel_m / float(np.median(res)) if res else None
 
 
 def plan_grid(params: SearchParams, references: list[ReferenceImage] | None = None,
@@ -239,6 +286,9 @@ def plan_grid(params: SearchParams, references: list[ReferenceImage] | None = No
         cell, why = default_cell_size_m(info, references or [])
         if feedback:
             feedback.log(f"Cell size: {cell:.1f} m ({why})")
+    if feedback:
+        for warning in scale_warnings(info, cell, references or []):
+            feedback.log(f"Warning: {warning}")
     grid = build_grid(info, cell, params.area, params.stride_m, params.min_coverage, params.max_cells, params.force)
     return info, grid
 

@@ -92,9 +92,10 @@ def _positive(value) -> float | None:
 def estimate_cell_size(last_used: Mapping | None, raster_path: str | None) -> tuple[float | None, str]:
     """The cell size (metres) the next search would most likely use, and why.
 
-    The last-used cell size when there is one; otherwise the engine's own default
-    (:func:`core.search.default_cell_size_m`: the reference's ground size, else 100 raster
-    pixels); ``(None, reason)`` when neither can be known yet.
+    The last-used cell size when there is one; otherwise the engine's own default, the same
+    function as the search (:func:`engine.search.default_cell_size_m`: the reference's ground
+    size but at least 32 raster pixels; before any reference is chosen, that minimum);
+    ``(None, reason)`` when neither can be known yet.
     """
     last_used = last_used or {}
     cell = _positive(last_used.get("CELL_SIZE"))
@@ -103,7 +104,7 @@ def estimate_cell_size(last_used: Mapping | None, raster_path: str | None) -> tu
     if not raster_path:
         return None, "choose a cell size in the dialog"
     from ..engine.imagery import GreyReader, ReferenceImage, describe_raster, list_images
-    from ..engine.search import default_cell_size_m
+    from ..engine.search import MIN_CELL_PIXELS, default_cell_size_m, raster_pixel_m
 
     refs = []
     for p in reference_paths(last_used.get("REFERENCE")):
@@ -120,6 +121,11 @@ def estimate_cell_size(last_used: Mapping | None, raster_path: str | None) -> tu
         info = describe_raster(raster_path)
         if not info.georeferenced:
             return None, "the raster is not georeferenced"
+        if not reference_paths(last_used.get("REFERENCE")):
+            # No reference chosen yet: the run's default is its ground size but at least
+            # MIN_CELL_PIXELS pixels, so that minimum bounds the cell count from above.
+            return MIN_CELL_PIXELS * raster_pixel_m(info), (f"at least {MIN_CELL_PIXELS} imagery pixels; the Mars "
+                                                            "reference's ground size decides")
         size, why = default_cell_size_m(info, refs)
     except AnalogFinderError:
         return None, "choose a cell size in the dialog"
@@ -145,9 +151,10 @@ def area_status_message(area_m2: float | None, n_vertices: int, cell_size_m: flo
     Returns:
         ``(text, cells, too_many)``; ``cells`` is ``None`` while no estimate is possible.
     """
-    keys = "left-click: add vertex, right-click/Enter: finish, Backspace: undo, Esc: cancel"
+    keys = "left-click: add a corner, right-click/Enter: finish, Backspace: undo, Esc: cancel"
     if n_vertices < 3 or area_m2 is None:
-        return f"Mars analog search area: {n_vertices} vertex(es) ({keys})", None, False
+        corners = f"{n_vertices} corner" + ("" if n_vertices == 1 else "s")
+        return f"Mars analog search area: {corners} ({keys})", None, False
     text = f"Mars analog search area: {_format_area(area_m2)}"
     searched = area_m2
     if on_raster_m2 is not None and on_raster_m2 < 0.999 * area_m2:

@@ -175,7 +175,10 @@ class ProcessingFeedbackAdapter(Feedback):
     def log(self, message: str) -> None:
         self.logs.append(message)
         if self.feedback is not None:
-            self.feedback.pushInfo(message)
+            if message.startswith("Warning: "):
+                self.feedback.pushWarning(message)
+            else:
+                self.feedback.pushInfo(message)
 
     def cancelled(self) -> bool:
         return self.feedback is not None and self.feedback.isCanceled()

@@ -294,7 +294,9 @@ leaves no partial files.</p>"""
                     from .report import write_report
 
                     feedback.setProgressText("Writing the report")
-                    write_report(out_report, result, raster, top=params.top_k, raster_label=self._raster_name)
+                    write_report(out_report, result, raster, top=params.top_k, raster_label=self._raster_name,
+                                 warnings=[line[len("Warning: "):] for line in adapter.logs
+                                           if line.startswith("Warning: ")])
                     feedback.setProgress(100)
                     feedback.pushInfo(f"Report: {out_report}")
             except BaseException:

@@ -54,8 +54,8 @@ def _histogram_png(values: np.ndarray, quartiles: np.ndarray) -> str:
 
 
 def report_html(result, raster: str, top: int = 10, title: str = "Mars analog sites",
-                raster_label: str | None = None) -> str:
-    """The report page as a string (see :func:`write_report`)."""
+                raster_label: str | None = None, warnings: list[str] = ()) -> str:
+    """The report page as a string (see :func:`write_report`); ``warnings`` are shown at the top."""
     from ..engine.imagery import GreyReader
 
     values = result.dissimilarity[result.scored]
@@ -77,6 +77,8 @@ def report_html(result, raster: str, top: int = 10, title: str = "Mars analog si
     parts.append("<table>" + "".join(f"<tr><th style='text-align:left'>{esc(k)}</th>"
                                      f"<td style='text-align:left'>{esc(str(v))}</td></tr>" for k, v in facts)
                  + "</table>")
+    for warning in warnings:
+        parts.append(f"<p style='color:#a00'><b>Warning:</b> {esc(warning)}</p>")
     parts.append("<h3>Dissimilarity over the area</h3><p>Lower is more Mars-like. Red lines: quartiles.</p>")
     if values.size:
         q = np.percentile(values, [25, 50, 75])
@@ -89,7 +91,7 @@ def report_html(result, raster: str, top: int = 10, title: str = "Mars analog si
     parts.append(f"<h3>Best {len(best)} analog sites</h3>"
                  "<p>Each cell as the encoder sees it (grey), beside the Mars reference it is closest to. "
                  "Lon/lat: cell centre, degrees, in the imagery's geographic CRS.</p>")
-    parts.append("<table><tr><th>rank</th><th>cell id</th><th>dissimilarity</th><th>percentile</th>"
+    parts.append("<table><tr><th>rank</th><th>cell id</th><th>dissimilarity</th><th>percentile (%)</th>"
                  "<th>lon</th><th>lat</th><th>cell</th><th>reference</th></tr>")
     ref_png = {i: _png(r.patch) for i, r in enumerate(result.references)}
     with GreyReader(raster) as reader:
@@ -99,7 +101,7 @@ def report_html(result, raster: str, top: int = 10, title: str = "Mars analog si
             ref = int(result.nearest_reference[i])
             parts.append(
                 f"<tr><td>{site['rank']}</td><td>{site['id']}</td><td>{site['dissimilarity']:.4f}</td>"
-                f"<td>{site['percentile']:.1f}</td><td>{site['lon']:.5f}</td><td>{site['lat']:.5f}</td>"
+                f"<td>{site['percentile']:.1f} %</td><td>{site['lon']:.5f}</td><td>{site['lat']:.5f}</td>"
                 f"<td><img width='{THUMB}' height='{THUMB}' alt='cell {site['id']}' "
                 f"src='data:image/png;base64,{_png(patch)}'/></td>"
                 f"<td><img width='{THUMB}' height='{THUMB}' alt='{esc(site['reference'])}' "
@@ -109,11 +111,12 @@ def report_html(result, raster: str, top: int = 10, title: str = "Mars analog si
     return "\n".join(parts)
 
 
-def write_report(path: str | os.PathLike, result, raster: str, top: int = 10, raster_label: str | None = None) -> str:
+def write_report(path: str | os.PathLike, result, raster: str, top: int = 10, raster_label: str | None = None,
+                 warnings: list[str] = ()) -> str:
     """Write the HTML report atomically (temporary name, then rename). Returns the path."""
     from ..engine.outputs import atomic_outputs
 
-    text = report_html(result, raster, top=top, raster_label=raster_label)
+    text = report_html(result, raster, top=top, raster_label=raster_label, warnings=warnings)
     with atomic_outputs({"report": path}) as tmp:
         Path(tmp["report"]).write_text(text, encoding="utf-8")
     return str(path)

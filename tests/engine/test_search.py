@@ -245,3 +245,22 @@ def test_real_sample_data(tiny_model, tmp_path):
     assert result.scored.sum() > 50
     assert -80 < result.grid.lon.min() < result.grid.lon.max() < -75  # the Bahamas
     assert 23 < result.grid.lat.min() < result.grid.lat.max() < 26
+
+
+class TestDefaultCellSize:
+    """The shipped pair: a 2 km CTX reference against 300 m Landsat (6.7 pixels a cell)."""
+
+    def test_keeps_at_least_32_imagery_pixels_and_warns(self):
+        from siamese_analog_plugin.engine.imagery import describe_raster, load_references
+        from siamese_analog_plugin.engine.search import MIN_CELL_PIXELS, default_cell_size_m, scale_warnings
+
+        root = Path(__file__).resolve().parents[2] / "resources"
+        info = describe_raster(str(root / "earth" / "landsat_bahamas_rgb_300m.tif"))
+        refs = load_references([str(root / "mars" / "ganges_chasma_dunes_ctx_7m.tif")], 100)
+        assert refs[0].ground_size_m < 10 * 300  # the reference alone would give cells of ~7 pixels
+        size, why = default_cell_size_m(info, refs)
+        assert size == pytest.approx(MIN_CELL_PIXELS * 300.04, rel=1e-3) and "32 imagery pixels" in why
+        assert not [w for w in scale_warnings(info, size, refs) if "pixels of the imagery" in w]
+        few = scale_warnings(info, refs[0].ground_size_m, refs)
+        assert any("spans only 6.7 pixels" in w for w in few)
+        assert any("times coarser than the Mars reference" in w for w in few)

@@ -121,7 +121,7 @@ class TestStatusEstimate:
         tool.cell_size_m, tool.cell_size_why = 6000.0, "last used"
         click(tool, canvas, 100, 100)
         click(tool, canvas, 300, 100)
-        assert "2 vertex" in tool.last_status
+        assert "2 corners" in tool.last_status
         move(tool, canvas, 300, 300)
         area, cells, too_many = tool.last_estimate
         side = 200 * canvas.mapUnitsPerPixel()

@@ -46,12 +46,20 @@ class TestEstimateCellSize:
     def test_last_used_cell_size_wins(self):
         assert estimate_cell_size({"CELL_SIZE": 750, "REFERENCE": [str(GANGES)]}, str(BAHAMAS)) == (750.0, "last used")
 
-    def test_georeferenced_reference_gives_its_ground_size(self):
-        from siamese_analog_plugin.engine.imagery import load_references
+    def test_georeferenced_reference_gives_what_the_search_uses(self):
+        """One default for the tool and the run: the reference's 2 km are 6.7 Landsat pixels, so
+        both use 32 pixels (9.6 km), and say why."""
+        from siamese_analog_plugin.engine.imagery import describe_raster, load_references
+        from siamese_analog_plugin.engine.search import default_cell_size_m
 
         size, why = estimate_cell_size({"REFERENCE": [str(GANGES)]}, str(BAHAMAS))
-        engine = load_references([str(GANGES)], 32)[0].ground_size_m  # what a search would use
-        assert size == pytest.approx(engine) and "reference" in why
+        engine, _ = default_cell_size_m(describe_raster(str(BAHAMAS)), load_references([str(GANGES)], 32))
+        assert size == pytest.approx(engine) == pytest.approx(32 * 300.04, rel=1e-3)
+        assert "32 imagery pixels" in why and "6.7 pixels" in why
+
+    def test_before_any_reference_the_estimate_is_the_minimum_the_run_can_use(self):
+        size, why = estimate_cell_size({}, str(BAHAMAS))
+        assert size == pytest.approx(32 * 300.04, rel=1e-3) and "at least 32 imagery pixels" in why
 
     def test_plain_images_fall_back_to_100_raster_pixels(self):
         size, why = estimate_cell_size({"REFERENCE": [str(h) for h in HIRISE]}, str(BAHAMAS))
@@ -79,7 +87,7 @@ class TestStatusMessage:
 
     def test_not_a_polygon_yet(self):
         text, cells, too_many = area_status_message(None, 2, 100.0)
-        assert cells is None and not too_many and "2 vertex" in text and "Esc" in text
+        assert cells is None and not too_many and "2 corners" in text and "Esc" in text
 
     def test_no_cell_size(self):
         text, cells, _ = area_status_message(5e5, 3, None, cell_size_why="choose a cell size in the dialog")

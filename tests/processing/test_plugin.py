@@ -51,7 +51,7 @@ def test_loads_without_torch_and_says_what_to_install(qgis_iface, registry, monk
     """With torch and ONNX Runtime missing the plugin still loads, the message bar names the install
     command and the algorithms refuse to run with that same message."""
     import processing
-    from qgis.core import Qgis, QgsProcessingException
+    from qgis.core import QgsProcessingException
 
     import siamese_analog_plugin
 
