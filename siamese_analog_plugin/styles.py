@@ -42,6 +42,7 @@ __all__ = [
     "is_result_layer",
     "mark_result_layer",
     "arrange_result_layers",
+    "raise_layer",
 ]
 
 # Custom layer properties on every layer the plugin loads: what it is and which run made it.
@@ -216,6 +217,19 @@ def arrange_result_layers(project: QgsProject | None = None, run: str | None = N
             parent.removeChildNode(n)
         for offset, clone in enumerate(clones):
             parent.insertChildNode(start + offset, clone)
+
+
+def raise_layer(project: QgsProject, layer_id: str) -> None:
+    """Move a layer to the top of its group (the few-shot examples above the class map)."""
+    node = project.layerTreeRoot().findLayer(layer_id)
+    if node is None or node.parent() is None:
+        return
+    parent = node.parent()
+    if parent.children().index(node) == 0:
+        return
+    clone = node.clone()
+    parent.insertChildNode(0, clone)
+    parent.removeChildNode(node)
 
 
 def _order(layer) -> int:

@@ -140,7 +140,7 @@ class AnalogGui:
                                    "Draw an Area and Find Mars Analog Sites…", parent)
         self.draw_action.setObjectName("siameseAnalogDrawArea")
         self.draw_action.setCheckable(True)
-        self.draw_action.setToolTip("Draw the area to search on the map (left-click vertices, right-click or Enter "
+        self.draw_action.setToolTip("Draw the area to search on the map (left-click the corners, right-click or Enter "
                                     "to finish, Backspace to undo, Esc to cancel), then open Find Mars analog sites")
         self.draw_action.triggered.connect(self.activate_tool)
         self.tool.setAction(self.draw_action)  # the button stays checked while the tool is active
@@ -259,13 +259,19 @@ class AnalogGui:
 
     # -- the dialog --------------------------------------------------------------------
     def input_raster(self) -> QgsRasterLayer | None:
-        """The active raster layer, else the first raster shown on the canvas, else in the project."""
+        """The active raster layer, else the first raster shown on the canvas, else in the project;
+        never one of the plugin's own results (a dissimilarity or class raster is no imagery)."""
+        from ..styles import is_result_layer
+
+        def usable(layer) -> bool:
+            return isinstance(layer, QgsRasterLayer) and layer.isValid() and not is_result_layer(layer)
+
         active = self.iface.activeLayer()
-        if isinstance(active, QgsRasterLayer) and active.isValid():
+        if usable(active):
             return active
         candidates = list(self.canvas.layers()) + list(QgsProject.instance().mapLayers().values())
         for layer in candidates:
-            if isinstance(layer, QgsRasterLayer) and layer.isValid():
+            if usable(layer):
                 return layer
         return None
 

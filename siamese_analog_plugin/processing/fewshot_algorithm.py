@@ -54,7 +54,7 @@ def style_class_raster(layer, class_names: list[str], name: str | None = RASTER_
     classes = [QgsPalettedRasterRenderer.Class(i + 1, QColor(*rgb), cls)
                for i, (cls, rgb) in enumerate(zip(class_names, class_colours(len(class_names))))]
     renderer = QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes)
-    renderer.setOpacity(0.8)
+    renderer.setOpacity(0.7)  # the imagery stays readable under the classes
     layer.setRenderer(renderer)
     if name:
         layer.setName(name)
@@ -63,12 +63,14 @@ def style_class_raster(layer, class_names: list[str], name: str | None = RASTER_
 
 
 def style_class_cells(layer, class_names: list[str], name: str | None = CELLS_LAYER_NAME):
-    """Categorised renderer on ``class``: the same colour per class as the raster, one legend entry each."""
+    """Categorised renderer on ``class``: the same colour per class as the raster, one legend entry
+    each, as outlines (the raster below fills the cells; two fills would mix the colours)."""
     from ..engine.classes import class_colours
 
     categories = []
     for cls, rgb in zip(class_names, class_colours(len(class_names))):
-        symbol = QgsFillSymbol.createSimple({"color": ",".join(map(str, rgb)) + ",190", "outline_style": "no"})
+        symbol = QgsFillSymbol.createSimple({"style": "no", "outline_color": ",".join(map(str, rgb)),
+                                             "outline_width": "0.4"})
         categories.append(QgsRendererCategory(cls, symbol, cls))
     layer.setRenderer(QgsCategorizedSymbolRenderer("class", categories))
     if name:
@@ -80,18 +82,28 @@ def style_class_cells(layer, class_names: list[str], name: str | None = CELLS_LA
 class ClassStyler(KeptAlivePostProcessor):
     """Styles a class raster or cell layer once QGIS has loaded it; make one with ``ClassStyler.create``."""
 
-    def __init__(self, kind: str, class_names: list[str]) -> None:
+    def __init__(self, kind: str, class_names: list[str], run: str = "", examples: str | None = None) -> None:
         super().__init__()
         self.kind = kind
         self.class_names = list(class_names)
+        self.run = run
+        self.examples = examples  # the labelled examples layer's id: kept above the results
 
     def postProcessLayer(self, layer, context, feedback) -> None:
+        from ..styles import arrange_result_layers, mark_result_layer, raise_layer
+
         if layer is None or not layer.isValid():
             return
         if self.kind == "raster":
             style_class_raster(layer, self.class_names)
         else:
             style_class_cells(layer, self.class_names)
+        mark_result_layer(layer, "classes_" + self.kind, self.run)
+        project = layer.project() or context.project()
+        if project is not None:
+            arrange_result_layers(project, self.run)
+            if self.examples:
+                raise_layer(project, self.examples)
 
 
 class FewShotLandformAlgorithm(AnalogAlgorithm):
@@ -198,6 +210,9 @@ Cancelling leaves no partial files.</p>"""
             raise QgsProcessingException("The imagery layer is missing or cannot be read. Choose a raster layer "
                                          "that draws on the map.")
         self._raster_path = gdal_path(layer)
+        examples = self.parameterAsVectorLayer(parameters, self.EXAMPLES, context)
+        self._examples_id = examples.id() if examples is not None and context.project() is not None \
+            and context.project().mapLayer(examples.id()) is not None else None
         self._rendered = None if self._raster_path else RenderedRasterSource(layer)
         from .embed_area import embeddings_parameter_path
 
@@ -305,10 +320,13 @@ Cancelling leaves no partial files.</p>"""
 
     def _style_on_load(self, context: QgsProcessingContext, out_raster: str, out_cells: str,
                        class_names: list[str]) -> None:
+        import uuid
+
+        run, examples = uuid.uuid4().hex, getattr(self, "_examples_id", None)
         if context.willLoadLayerOnCompletion(out_raster):
             context.layerToLoadOnCompletionDetails(out_raster).setPostProcessor(
-                ClassStyler.create("raster", class_names))
+                ClassStyler.create("raster", class_names, run, examples))
         if context.willLoadLayerOnCompletion(out_cells):
             context.layerToLoadOnCompletionDetails(out_cells).setPostProcessor(
-                ClassStyler.create("cells", class_names))
+                ClassStyler.create("cells", class_names, run, examples))
 

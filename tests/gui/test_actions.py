@@ -73,6 +73,29 @@ class TestActions:
         assert not gui.draw_action.isChecked()
 
 
+    def test_tooltip_keeps_the_usage_hint(self, gui):
+        tip = gui.plugin.toolbar.widgetForAction(gui.draw_action).toolTip()
+        assert "right-click or Enter" in tip and "Esc" in tip
+
+
+class TestImageryIsNeverAResult:
+    def test_a_result_raster_is_never_the_imagery(self, gui, bahamas, project, qgis_iface):
+        """After a run the dissimilarity raster is on top and often active: a second area must
+        still search the user's imagery."""
+        from qgis.core import QgsRasterLayer
+
+        from siamese_analog_plugin.styles import style_dissimilarity_raster
+
+        result = QgsRasterLayer(str(BAHAMAS), "a result")
+        style_dissimilarity_raster(result)  # as the Processing post-processor does
+        project.addMapLayer(result)
+        qgis_iface.setActiveLayer(result)
+        assert gui.input_raster() is bahamas
+        assert gui.dialog_parameters(area="x")["INPUT"] == bahamas.id()
+        project.removeMapLayer(bahamas.id())
+        assert gui.input_raster() is None  # no imagery left: the user chooses it in the dialog
+
+
 class TestDrawnAreaDialog:
     def test_dialog_gets_drawn_area_raster_and_last_used(self, gui, set_canvas, bahamas, recorder, qgis_iface):
         from siamese_analog_plugin.gui.parameters import ALGORITHM_ID

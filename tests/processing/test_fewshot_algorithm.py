@@ -72,8 +72,10 @@ class TestFewShotLandforms:
 
         from siamese_analog_plugin.engine.classes import class_colours
 
+        examples = wgs84_examples()
+        QgsProject.instance().addMapLayer(examples)
         res = processing.runAndLoadResults(ALG, params(two_textures, tiny_model_path, tmp_path,
-                                                       EXAMPLES=wgs84_examples(), CLASS_FIELD="landform"),
+                                                       EXAMPLES=examples.id(), CLASS_FIELD="landform"),
                                            feedback=feedback)
         assert res["CLASSES"] == "speckle,stripes"
         assert res["CELL_COUNT"] == 50 and res["CLASSIFIED_COUNT"] == 50
@@ -89,7 +91,7 @@ class TestFewShotLandforms:
         assert by_half["east"].count("speckle") >= 0.9 * len(by_half["east"])
 
         # Both outputs were loaded into the project and styled on the main thread.
-        loaded = list(QgsProject.instance().mapLayers().values())
+        loaded = [ly for ly in QgsProject.instance().mapLayers().values() if ly.id() != examples.id()]
         raster = next(ly for ly in loaded if isinstance(ly, QgsRasterLayer))
         vector = next(ly for ly in loaded if isinstance(ly, QgsVectorLayer))
         assert isinstance(raster.renderer(), QgsPalettedRasterRenderer)
@@ -100,8 +102,11 @@ class TestFewShotLandforms:
         assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "class"
         categories = renderer.categories()  # keep the copies alive while their symbols are read
         assert [c.value() for c in categories] == ["speckle", "stripes"]
-        assert categories[1].symbol().color().getRgb()[:3] == class_colours(2)[1]
+        assert categories[1].symbol().symbolLayer(0).strokeColor().getRgb()[:3] == class_colours(2)[1]
         assert vector.name() == "Landform cells" and raster.name() == "Landform classes"
+        # The examples on top, then the cells' outlines, then the class raster.
+        order = [node.layer().id() for node in QgsProject.instance().layerTreeRoot().findLayers()]
+        assert order == [examples.id(), vector.id(), raster.id()]
 
     def test_example_image_folder_instead_of_a_layer(self, run_alg, two_textures, tiny_model_path, tmp_path):
         support = make_class_folder(tmp_path / "support", {"stripes": 2, "speckle": 2}, seed=3)
