@@ -219,6 +219,13 @@ leaves no partial files.</p>"""
         problem = self._model_file_problem(parameters.get(self.MODEL))
         if problem:
             return False, problem
+        if values and all(isinstance(v, str) and os.path.isfile(v) for v in values):
+            # QGIS's own check resolves each string as a map layer, trying OGR first ("[OGR] Cannot
+            # open <reference>.tif" in the log on every run): hand it the files as raster layers.
+            from qgis.core import QgsRasterLayer
+
+            parameters = dict(parameters)
+            parameters[self.REFERENCE] = [QgsRasterLayer(v, os.path.basename(v), "gdal") for v in values]
         return super().checkParameterValues(parameters, context)
 
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:
@@ -230,7 +237,10 @@ leaves no partial files.</p>"""
         self._raster_name = layer.name()
         self._raster_path = gdal_path(layer)
         self._rendered = None if self._raster_path else RenderedRasterSource(layer)
-        self._references = reference_paths(self.parameterAsLayerList(parameters, self.REFERENCE, context))
+        self._references = reference_paths(self._reference_layers(parameters, context))
+        self._remember = {key: parameters.get(key) for key in (self.CELL_SIZE, self.STRIDE, self.MIN_COVERAGE,
+                                                               self.MODEL, self.DEVICE, self.BATCH_SIZE)}
+        self._remember[self.REFERENCE] = list(self._references)
         from .embed_area import embeddings_parameter_path
 
         self._embeddings = embeddings_parameter_path(self, parameters, self.EMBEDDINGS, context)
@@ -239,6 +249,26 @@ leaves no partial files.</p>"""
                                          "an imagery file. Choose the raster file it was made from as the imagery, "
                                          "or leave the embedding raster empty.")
         return True
+
+    def _reference_layers(self, parameters, context) -> list:
+        """REFERENCE as files and raster layers. Files are taken as they are: resolving them as
+        map layers (``parameterAsLayerList``) first tries OGR, which logs "[OGR] Cannot open"."""
+        values = parameters.get(self.REFERENCE)
+        values = values if isinstance(values, (list, tuple)) else [values] if values else []
+        if all(isinstance(v, str) and os.path.isfile(v) for v in values):
+            return list(values)
+        return self.parameterAsLayerList(parameters, self.REFERENCE, context)
+
+    def postProcessAlgorithm(self, context, feedback):
+        """On the main thread after a successful run: remember the reference and settings for
+        the next search (the drawing tool and the dialog start from them), whoever started it."""
+        try:
+            from ..gui.settings import save_last_used
+
+            save_last_used({k: v for k, v in getattr(self, "_remember", {}).items() if v is not None})
+        except Exception as exc:  # remembering is a convenience, never a failure
+            feedback.pushInfo(f"(The settings could not be remembered: {exc})")
+        return {}
 
     # -- worker thread -------------------------------------------------------------------
     def processAlgorithm(self, parameters, context, feedback):

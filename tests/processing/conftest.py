@@ -32,6 +32,10 @@ class RecordingFeedback:
                 self.infos.append(info)
                 super().pushInfo(info)
 
+            def pushWarning(self, warning: str) -> None:
+                self.infos.append(warning)
+                super().pushWarning(warning)
+
             def setProgressText(self, text: str) -> None:
                 self.infos.append(text)
                 super().setProgressText(text)

@@ -130,6 +130,37 @@ class TestReferencesAndReport:
         used = {f["reference"] for f in cells.getFeatures() if f["status"] == "scored"}
         assert used <= {p.name for p in SAMPLE_HIRISE}
 
+    def test_every_run_remembers_its_reference_and_warns_about_coarse_cells(self, run_alg, tiny_model_path,
+                                                                          tmp_path, feedback):
+        """Not only runs started from the drawing tool: the next search starts from this reference.
+        20 km cells are 67 Landsat pixels (no pixel warning) but the imagery is 43 times coarser
+        than the 7 m reference: the log and the report say so, and the reference is never opened
+        as a vector ("[OGR] Cannot open")."""
+        from qgis.core import QgsApplication
+
+        from siamese_analog_plugin.gui.settings import clear_last_used, load_last_used
+
+        clear_last_used()
+        messages = []
+        log = QgsApplication.messageLog()
+
+        def record(message, tag, level):
+            messages.append(f"[{tag}] {message}")
+
+        log.messageReceived.connect(record)
+        report = tmp_path / "r.html"
+        try:
+            run_alg(ALG, base_params(tiny_model_path, OUTPUT_REPORT=str(report), TOP_K=2))
+            remembered = load_last_used()
+        finally:
+            log.messageReceived.disconnect(record)
+            clear_last_used()
+        assert remembered["REFERENCE"] == [str(SAMPLE_REFERENCE)]
+        assert remembered["CELL_SIZE"] == FAST_CELL_M and remembered["DEVICE"] == "cpu"
+        assert "times coarser than the Mars reference" in feedback.log
+        assert "times coarser than the Mars reference" in report.read_text(encoding="utf-8")
+        assert not [m for m in messages if "Cannot open" in m and SAMPLE_REFERENCE.name in m], messages
+
     def test_stride_overlaps_cells(self, run_alg, tiny_model_path):
         area = polygon_layer([box_wkt(*AREA_BOX)])
         res = run_alg(ALG, base_params(tiny_model_path, AREA=area, STRIDE=10000))
