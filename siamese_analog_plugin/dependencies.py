@@ -142,15 +142,24 @@ def install_list(names, available=module_available) -> list[str]:
     return specs
 
 
-def _python_version(path: str) -> tuple[int, int] | None:
-    """``(major, minor)`` of the interpreter at ``path`` when it has pip, else ``None``."""
+def _clean_env() -> dict:
+    """The environment for a child Python: QGIS's PYTHONPATH/PYTHONHOME are for QGIS only."""
+    env = dict(os.environ)
+    for name in ("PYTHONPATH", "PYTHONHOME", "PIP_USER", "PIP_REQUIRE_VIRTUALENV"):
+        env.pop(name, None)
+    return env
+
+
+def _python_info(path: str) -> tuple[int, int, str] | None:
+    """``(major, minor, base prefix)`` of the interpreter at ``path`` when it has pip, else ``None``."""
     try:
-        out = subprocess.run([path, "-c", "import sys, pip; print(sys.version_info[0], sys.version_info[1])"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run([path, "-c", "import sys, pip; print(sys.version_info[0], sys.version_info[1], "
+                              "sys.base_prefix)"], capture_output=True, text=True, timeout=20, check=False,
+                             env=_clean_env())
     except (OSError, subprocess.SubprocessError):
         return None
-    parts = out.stdout.split()
-    return (int(parts[0]), int(parts[1])) if out.returncode == 0 and len(parts) == 2 else None
+    parts = out.stdout.strip().split(" ", 2)
+    return (int(parts[0]), int(parts[1]), parts[2]) if out.returncode == 0 and len(parts) == 3 else None
 
 
 def _candidates() -> list[str]:
@@ -171,22 +180,29 @@ def find_python() -> str | None:
     """The Python interpreter that runs QGIS's Python (same major.minor, with pip), or ``None``.
 
     Only a file named python* counts: in QGIS ``sys.executable`` may be ``qgis`` or
-    ``qgis-bin.exe``, and running that with ``-m pip`` would start another QGIS.
+    ``qgis-bin.exe`` (running that with ``-m pip`` would start another QGIS), or whatever
+    ``python3`` comes first on PATH (pyenv, conda): an interpreter of QGIS's own installation
+    (same base prefix) is preferred to one that only has the same version.
     """
+    same_version = None
     for path in _candidates():
         if not os.path.basename(path).lower().startswith("python") or not os.path.isfile(path):
             continue
-        if _python_version(path) == tuple(sys.version_info[:2]):
+        info = _python_info(path)
+        if info is None or info[:2] != tuple(sys.version_info[:2]):
+            continue
+        if os.path.realpath(info[2]) == os.path.realpath(sys.base_prefix):
             return path
-    return None
+        same_version = same_version or path
+    return same_version
 
 
 def pip_command(python: str, target: str | os.PathLike, requirements: list[str],
                 index_url: str | None = None) -> list[str]:
     """The command installing ``requirements`` (exact list, ``--no-deps``) into ``target``.
 
-    Binary wheels only (nothing to compile on the user's machine); with ``index_url`` (torch's
-    CPU wheels) PyPI stays an extra index for the dependencies.
+    Binary wheels only (nothing to compile on the user's machine); ``index_url`` (torch's CPU
+    wheels) replaces PyPI.
     """
     if not requirements:
         raise ValueError("nothing to install")
@@ -196,7 +212,9 @@ def pip_command(python: str, target: str | os.PathLike, requirements: list[str],
     cmd = [python, "-m", "pip", "install", "--target", str(target), "--no-deps", "--upgrade", "--only-binary=:all:",
            "--no-input", "--disable-pip-version-check", "--no-warn-script-location", "--progress-bar", "off"]
     if index_url:
-        cmd += ["--index-url", index_url, "--extra-index-url", "https://pypi.org/simple"]
+        # That index only: PyPI's torch for Linux is the CUDA build (GBs, needs nvidia-* packages).
+        # The CPU index also holds torch's small dependencies.
+        cmd += ["--index-url", index_url]
     return cmd + list(requirements)
 
 
@@ -207,7 +225,7 @@ def manual_command(names, target: str | os.PathLike | None = None) -> str:
     index = next((PACKAGES[n].index_url for n in names if PACKAGES[n].index_url), None)
     cmd = [python, "-m", "pip", "install", "--target", str(target or "DIR"), "--no-deps"]
     if index:
-        cmd += ["--index-url", index, "--extra-index-url", "https://pypi.org/simple"]
+        cmd += ["--index-url", index]
     return " ".join(f'"{c}"' if any(ch in c for ch in ' <>') else c for c in cmd + specs)
 
 

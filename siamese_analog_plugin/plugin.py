@@ -124,8 +124,7 @@ class SiameseAnalogPlugin:
 
             names = ", ".join(installable)
             self.install_message = offer_install(
-                self.iface, installable, f"needs {names} in QGIS's Python. Click Install… to install it into the "
-                "plugin's own folder (QGIS's packages stay as they are), or see the log for the command.",
+                self.iface, installable, f"needs {names}, which QGIS's Python lacks.",
                 on_installed=self._installed)
             if self.install_message is not None:
                 return

@@ -63,6 +63,8 @@ class DependencyInstallerDialog(QDialog):
         text = (f"Siamese Analog Finder needs {', '.join(parts)}. It installs with pip into the plugin's own "
                 f"folder<br><tt>{self.target}</tt><br>placed after QGIS's own packages: QGIS's numpy, GDAL and "
                 "Qt are never replaced. Needs a connection to the Python Package Index.")
+        if self.plan.python is not None:
+            text += f"<br>Python: <tt>{self.plan.python}</tt>"
         if self.plan.python is None:
             text += ("<br><b>QGIS's Python interpreter was not found</b>, so pip cannot run from here. Install "
                      "by hand as the README says.")
