@@ -172,7 +172,7 @@ class TestBadInput:
         ({"REFERENCE": ["/nonexistent/mars.png"]}, "does not exist"),
         ({"CELL_SIZE": 100.0}, "smaller than one pixel"),
         ({"CELL_SIZE": 1_000_000.0}, "larger than the area"),
-        ({"DEVICE": "cuda:7"}, "cuda:7"),
+        ({"DEVICE": "cuda:7"}, "DEVICE"),  # not one of the choices (auto, cpu, cuda)
         ({"MODEL": "__GARBAGE__"}, "not a Siamese Analog Finder model"),
         ({"MODEL": "__RASTER__"}, "is not a model file (.onnx or .pt)"),
         ({"OUTPUT_CELLS": "__SHP__"}, ".gpkg"),

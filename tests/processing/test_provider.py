@@ -78,3 +78,30 @@ def test_training_is_reported_when_missing(registry, monkeypatch, tmp_path):
     with pytest.raises(QgsProcessingException, match="training module"):
         processing.run(f"{PROVIDER_ID}:trainencoder", {"INPUT": str(tmp_path / "data"), "EPOCHS": 1,
                                                         "OUTPUT": str(tmp_path / "m.pt")})
+
+
+@pytest.mark.parametrize("name", OURS + ("fewshotlandforms",))
+def test_help_panel_lines_are_not_broken_where_the_source_is(registry, name):
+    """The help panel shows the source's line breaks inside sentences: the text is one line."""
+    alg = registry.createAlgorithmById(f"{PROVIDER_ID}:{name}")
+    text = alg.shortHelpString()
+    assert "\n" not in text and "  " not in text
+    assert "lower means more Mars-like" in text or name != "findanalogs"
+
+
+@pytest.mark.parametrize("name", OURS + ("fewshotlandforms",))
+def test_device_is_a_choice(registry, name):
+    from qgis.core import QgsProcessingParameterEnum
+
+    alg = registry.createAlgorithmById(f"{PROVIDER_ID}:{name}")
+    device = alg.parameterDefinition("DEVICE")
+    assert isinstance(device, QgsProcessingParameterEnum) and device.usesStaticStrings()
+    assert device.options() == ["auto", "cpu", "cuda"] and device.defaultValue() == "auto"
+
+
+def test_find_analogs_labels_are_short_and_have_no_html_notice(registry):
+    """At the dialog's default size long labels pushed the reference's "..." button out of sight."""
+    alg = registry.createAlgorithmById(f"{PROVIDER_ID}:findanalogs")
+    main = [p for p in alg.parameterDefinitions() if not p.flags() & p.FlagAdvanced and not p.isDestination()]
+    assert all(len(p.description()) <= 30 for p in main), [p.description() for p in main]
+    assert not alg.hasHtmlOutputs()  # no "HTML output has been generated" after every run
