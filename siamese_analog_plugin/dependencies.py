@@ -36,6 +36,8 @@ __all__ = [
     "find_python",
     "pip_command",
     "manual_command",
+    "check_import",
+    "plan_install",
 ]
 
 # Distribution names (lower case, '-' or '_') that are never installed: QGIS brings its own and
@@ -74,7 +76,9 @@ PACKAGES: dict[str, Requirement] = {
         (("flatbuffers", "flatbuffers"), ("packaging", "packaging"), ("google.protobuf", "protobuf>=4.25.8,<7")),
         purpose="runs the encoder (searches, embeddings, landform maps)", size="about 20 MB"),
     "torch": Requirement(
-        "torch", "torch>=2.1,<3",
+        # Up to the version the project tests (requirements.txt): newer releases may need newer
+        # sympy/typing-extensions than a distribution's Python has (those come first on sys.path).
+        "torch", "torch>=2.1,<2.14",
         (("filelock", "filelock"), ("typing_extensions", "typing-extensions>=4.8"), ("sympy", "sympy"),
          ("mpmath", "mpmath<1.4"), ("networkx", "networkx"), ("jinja2", "jinja2"), ("markupsafe", "markupsafe"),
          ("fsspec", "fsspec")),
@@ -242,6 +246,22 @@ class InstallPlan:
     def command(self) -> list[str]:
         index = next((PACKAGES[n].index_url for n in self.names if PACKAGES[n].index_url), None)
         return pip_command(self.python or "python3", self.target, self.requirements, index)
+
+
+def check_import(python: str, target: str | os.PathLike, modules) -> str | None:
+    """Import ``modules`` in a fresh ``python`` with ``target`` at the end of its path, as QGIS
+    will: ``None`` when they import, else the last line of the error (e.g. a missing shared
+    library that ``find_spec`` cannot see)."""
+    code = (f"import sys; sys.path.append({str(target)!r}); "
+            + "; ".join(f"import {m}" for m in modules))
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300, env=_clean_env())
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if out.returncode == 0:
+        return None
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {out.returncode}"
 
 
 def plan_install(names, target: str | os.PathLike) -> InstallPlan:

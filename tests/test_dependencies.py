@@ -96,3 +96,24 @@ def test_the_folder_never_shadows_what_python_already_has(tmp_path, monkeypatch)
                           "print(numpy.__file__)"], capture_output=True, text=True)
     assert out.returncode == 0 and str(tmp_path) not in out.stdout
     assert not dependencies.activate(tmp_path / "missing")
+
+
+def test_check_import_reports_what_find_spec_cannot_see(tmp_path):
+    """A package that is found but fails on import (torch without its CUDA libraries) is no
+    success: the real import in a fresh Python says why."""
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("raise ImportError('libcudnn.so.9: cannot open')\n")
+    (tmp_path / "goodpkg.py").write_text("X = 1\n")
+    python = dependencies.find_python()
+    assert dependencies.check_import(python, tmp_path, ["goodpkg"]) is None
+    error = dependencies.check_import(python, tmp_path, ["goodpkg", "brokenpkg"])
+    assert error is not None and "libcudnn" in error
+
+
+def test_torch_is_pinned_to_the_tested_cpu_build_index():
+    req = dependencies.PACKAGES["torch"]
+    assert req.index_url == "https://download.pytorch.org/whl/cpu"
+    cmd = dependencies.pip_command("python3", "T", dependencies.install_list(["torch"], lambda m: False),
+                                   req.index_url)
+    assert "https://pypi.org/simple" not in cmd  # PyPI's Linux torch is the CUDA build
+    assert "torch>=2.1,<2.14" in cmd

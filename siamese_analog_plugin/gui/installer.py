@@ -130,11 +130,17 @@ class DependencyInstallerDialog(QDialog):
         self._read_output()
         ok = code == 0
         if ok:
-            dependencies.activate(self.target)
-            missing = dependencies.missing_packages(self.names)
-            ok = not missing
-            if missing:
-                self.log.appendPlainText(f"pip finished but {', '.join(missing)} still cannot be imported.")
+            modules = [dependencies.PACKAGES[n].module for n in self.names]
+            error = dependencies.check_import(self.plan.python, self.target, modules) if modules else None
+            if error:  # e.g. a wheel built for another platform: a missing shared library
+                self.log.appendPlainText(f"pip finished but {', '.join(self.names)} does not import: {error}")
+                ok = False
+            else:
+                dependencies.activate(self.target)
+                missing = dependencies.missing_packages(self.names)
+                ok = not missing
+                if missing:
+                    self.log.appendPlainText(f"pip finished but {', '.join(missing)} still cannot be imported.")
         else:
             self.log.appendPlainText(f"pip failed (exit code {code}). See its messages above; the README lists "
                                      "how to install by hand.")
