@@ -141,13 +141,14 @@ class TestReferences:
         with pytest.raises(InputError, match="reference image .* does not exist"):
             run_search(SearchParams(planted[0], str(tmp_path / "nope.png"), cell_size_m=1000, model=tiny_model))
 
-    def test_default_cell_size_is_the_reference_ground_size(self, tiny_model, tmp_path):
-        # Ganges Chasma CTX: 573 x 287 px at 7 m, Mars Sinusoidal -> a 287 px square = 2009 m.
+    def test_default_cell_size_is_the_reference_ground_size_but_at_least_32_pixels(self, tiny_model, tmp_path):
+        # Ganges Chasma CTX: 573 x 287 px at 7 m, Mars Sinusoidal -> a 287 px square = 2009 m,
+        # only 6.7 pixels of the 300 m Landsat: the default keeps 32 pixels (9.6 km) instead.
         params = SearchParams(str(SAMPLE_RASTER), str(SAMPLE_REFERENCE), model=tiny_model, device="cpu",
                               max_nodata=0.99)
         result = run_search(params)
         assert result.references[0].ground_size_m == pytest.approx(287 * 7)
-        assert result.grid.cell_size_m == pytest.approx(2009)
+        assert result.grid.cell_size_m == pytest.approx(32 * 300.04, rel=1e-3)
 
     def test_reference_resolution_parameter_for_plain_images(self, planted, tiny_model):
         raster, ref = planted  # the PNG is 100 px; at 10 m/px it covers 1000 m
