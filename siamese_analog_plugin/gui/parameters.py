@@ -155,23 +155,26 @@ def area_status_message(area_m2: float | None, n_vertices: int, cell_size_m: flo
     if n_vertices < 3 or area_m2 is None:
         corners = f"{n_vertices} corner" + ("" if n_vertices == 1 else "s")
         return f"Mars analog search area: {corners} ({keys})", None, False
-    text = f"Mars analog search area: {_format_area(area_m2)}"
+    # The status bar shares its width with QGIS's coordinate and scale boxes: the count first,
+    # the short reason (before any ":") in brackets, then the area.
+    where = _format_area(area_m2)
     searched = area_m2
     if on_raster_m2 is not None and on_raster_m2 < 0.999 * area_m2:
         searched = max(on_raster_m2, 0.0)
-        text += (f", {_format_area(searched)} over the input raster" if searched > 0
-                 else ", OUTSIDE the input raster: draw over the raster")
+        where += (f", {_format_area(searched)} over the input raster" if searched > 0
+                  else ", OUTSIDE the input raster: draw over the raster")
     cells = None
     too_many = False
+    short_why = cell_size_why.split(":")[0].split(";")[0].strip()
     if cell_size_m:
         stride = _positive(stride_m) or cell_size_m
         cells = estimate_cell_count(searched, cell_size_m, stride)
-        why = f", {cell_size_why}" if cell_size_why else ""
-        text += f" ≈ {cells:,} cells of {cell_size_m:,.0f} m{why}"
+        why = f" ({short_why})" if short_why else ""
+        text = f"Mars analog search: ≈ {cells:,} cells of {cell_size_m:,.0f} m{why} in {where}"
         too_many = cells > max_cells
         if too_many:
             text += (f". TOO LARGE: more than the limit of {max_cells:,} cells; draw a smaller area "
                      "or use a larger cell size")
     else:
-        text += f" (cells: {cell_size_why})" if cell_size_why else ""
+        text = f"Mars analog search area: {where}" + (f" (cells: {cell_size_why})" if cell_size_why else "")
     return f"{text} ({keys})", cells, too_many

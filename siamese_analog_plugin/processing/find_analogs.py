@@ -63,6 +63,30 @@ class ResultStyler(KeptAlivePostProcessor):
                 arrange_result_layers(project, self.run)
 
 
+class ReferenceImagesParameter(QgsProcessingParameterMultipleLayers):
+    """Raster layers or image files. Existing files are accepted as they are: QGIS's own check
+    resolves every string as a map layer, trying OGR first, which logs "[OGR] Cannot open
+    <reference>.tif" whenever the dialog checks its values."""
+
+    def checkValueIsAcceptable(self, value, context=None) -> bool:
+        values = value if isinstance(value, (list, tuple)) else [value] if isinstance(value, str) and value else None
+        if values and all(isinstance(v, str) and os.path.isfile(v) for v in values):
+            return True
+        return super().checkValueIsAcceptable(value, context)
+
+    def valueAsPythonString(self, value, context) -> str:
+        values = value if isinstance(value, (list, tuple)) else None
+        if values and all(isinstance(v, str) and os.path.isfile(v) for v in values):
+            return repr(list(values))
+        return super().valueAsPythonString(value, context)
+
+    def clone(self):
+        copy = ReferenceImagesParameter(self.name(), self.description(), self.layerType(), self.defaultValue(),
+                                        bool(self.flags() & QgsProcessingParameterDefinition.FlagOptional))
+        copy.setFlags(self.flags())
+        return copy
+
+
 class FindAnalogsAlgorithm(AnalogAlgorithm):
     """Find Mars analog sites: Earth imagery + Mars reference -> dissimilarity map and cells."""
 
@@ -138,7 +162,7 @@ leaves no partial files.</p>"""
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.AREA, self.tr("Search area"),
             [QgsProcessing.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterMultipleLayers(
+        self.addParameter(ReferenceImagesParameter(
             self.REFERENCE, self.tr("Mars reference image(s)"), QgsProcessing.TypeRaster))
         self.addParameter(QgsProcessingParameterRasterLayer(
             self.EMBEDDINGS, self.tr("Embedding raster"), optional=True))

@@ -75,7 +75,8 @@ class TestStatusMessage:
     def test_counts_cells_like_the_engine(self):
         text, cells, too_many = area_status_message(2.5e9, 4, 6000.0, None, "last used")
         assert cells == estimate_cell_count(2.5e9, 6000.0) == 69
-        assert "2,500.0 km²" in text and "69 cells of 6,000 m, last used" in text and not too_many
+        assert "2,500.0 km²" in text and "≈ 69 cells of 6,000 m (last used)" in text and not too_many
+        assert text.index("cells") < text.index("km²")  # the count first: the status bar is narrow
 
     def test_stride_counts(self):
         _, cells, _ = area_status_message(1e8, 5, 1000.0, 500.0)
