@@ -50,6 +50,12 @@ timeout "${DESKTOP_CHECK_TIMEOUT:-1500}" xvfb-run -a -s "-screen 0 1440x900x24" 
 rc=$?
 set -e
 [ -f "$OUT/check.json" ] || { echo "QGIS ended (exit $rc) before the check finished; see $OUT/qgis_stdout.log"; exit 1; }
+# Small copies for the README (docs/images): the part of the screen that matters, 8-bit colour.
+mkdir -p "$OUT/docs"
+shrink() { [ -f "$OUT/$1.png" ] && convert "$OUT/$1.png" -crop "$3" +repage -resize '800x>' -colors 128 "$OUT/docs/$2.png"; }
+shrink 04_installer_done installer 722x422+349+199 || true
+shrink 06_result_map result_map 1140x760+300+140 || true
+shrink 07_drawing_tool drawing_tool 1440x900+0+0 || true
 "$PY" - "$OUT/check.json" <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))

@@ -93,7 +93,7 @@ def style_dissimilarity_raster(layer: QgsRasterLayer, name: str | None = RASTER_
     for i in range(stops):
         t = i / (stops - 1)
         color = QColor(ramp.color(t))
-        color.setAlpha(int(round(235 - t * (235 - 70))))  # opaque red -> faint blue
+        color.setAlpha(int(round(235 - t * (235 - 45))))  # opaque red -> faint blue
         items.append(QgsColorRampShader.ColorRampItem(lo + t * (hi - lo), color, f"{lo + t * (hi - lo):.3g}"))
     ramp_shader = QgsColorRampShader(lo, hi, ramp, QgsColorRampShader.Interpolated)
     ramp_shader.setColorRampItemList(items)
