@@ -212,11 +212,12 @@ def arrange_result_layers(project: QgsProject | None = None, run: str | None = N
         ordered = sorted(members, key=lambda n: (_order(n.layer()), children.index(n)))
         if [children[start + i] for i in range(len(ordered)) if start + i < len(children)] == ordered:
             continue
-        clones = [n.clone() for n in ordered]
+        # Insert the copies before removing the originals: a layer that is in the tree nowhere,
+        # even for a moment, is removed from the project by QGIS (the layer-tree bridge).
+        for offset, node in enumerate(ordered):
+            parent.insertChildNode(start + offset, node.clone())
         for n in members:
             parent.removeChildNode(n)
-        for offset, clone in enumerate(clones):
-            parent.insertChildNode(start + offset, clone)
 
 
 def raise_layer(project: QgsProject, layer_id: str) -> None:

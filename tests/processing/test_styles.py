@@ -70,7 +70,13 @@ def test_results_load_styled(loaded_results, qgis_new_project):
     assert sites.labelsEnabled() and labels.isExpression and "rank" in labels.fieldName
     assert not labels.displayAll  # labels never overlap ("1" and "9" read as "19")
 
-    # Fixed order, top to bottom: sites, cells, raster, then the user's imagery.
+    # Fixed order, top to bottom: sites, cells, raster, then the user's imagery; reordering
+    # keeps every layer in the project (QGIS drops a layer that leaves the tree, even briefly).
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    for _ in range(5):
+        QCoreApplication.processEvents()
+    assert len(qgis_new_project.mapLayers()) == 4
     order = [node.layer().name() for node in qgis_new_project.layerTreeRoot().findLayers()]
     assert order == [SITES_LAYER_NAME, CELLS_LAYER_NAME, RASTER_LAYER_NAME, "imagery"]
     assert all(is_result_layer(layers[n]) for n in order[:3]) and not is_result_layer(layers["imagery"])
@@ -89,3 +95,33 @@ def test_style_functions_on_a_layer(loaded_results):
     legend = [item[0] for item in layer.renderer().legendSymbologyItems()]
     assert layer.renderer().classificationMin() < layer.renderer().classificationMax()
     assert legend  # a legend QGIS can draw
+
+
+def test_arranging_keeps_every_layer_in_the_project(qgis_new_project):
+    """Results loaded in any order end up sites > cells > raster > imagery, and none is lost:
+    QGIS removes a layer from the project when it leaves the layer tree, even for a moment."""
+    from qgis.core import QgsRasterLayer, QgsVectorLayer
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    from siamese_analog_plugin.styles import arrange_result_layers, mark_result_layer
+
+    imagery = QgsRasterLayer(str(SAMPLE_RASTER), "imagery")
+    qgis_new_project.addMapLayer(imagery)
+    layers = {}
+    for kind in ("sites", "cells", "raster"):  # each added on top: raster ends up first
+        layer = QgsVectorLayer("Point?crs=EPSG:32618", kind, "memory") if kind != "raster" \
+            else QgsRasterLayer(str(SAMPLE_RASTER), kind)
+        mark_result_layer(layer, kind, "run1")
+        qgis_new_project.addMapLayer(layer)
+        layers[kind] = layer
+    try:
+        before = [n.layer().name() for n in qgis_new_project.layerTreeRoot().findLayers()]
+        assert before == ["raster", "cells", "sites", "imagery"]
+        arrange_result_layers(qgis_new_project, "run1")
+        for _ in range(5):
+            QCoreApplication.processEvents()
+        assert len(qgis_new_project.mapLayers()) == 4
+        after = [n.layer().name() for n in qgis_new_project.layerTreeRoot().findLayers()]
+        assert after == ["sites", "cells", "raster", "imagery"]
+    finally:
+        qgis_new_project.removeAllMapLayers()
