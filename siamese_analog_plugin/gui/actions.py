@@ -140,8 +140,9 @@ class AnalogGui:
                                    "Draw an Area and Find Mars Analog Sites…", parent)
         self.draw_action.setObjectName("siameseAnalogDrawArea")
         self.draw_action.setCheckable(True)
-        self.draw_action.setToolTip("Draw the area to search on the map (left-click the corners, right-click or Enter "
-                                    "to finish, Backspace to undo, Esc to cancel), then open Find Mars analog sites")
+        self.draw_action.setToolTip("Draw the area to search on the map: left-click the corners; right-click or "
+                                    "Enter to finish, Backspace to undo, Esc to cancel. Then Find Mars analog "
+                                    "sites opens.")  # no brackets: QGIS strips them as a shortcut
         self.draw_action.triggered.connect(self.activate_tool)
         self.tool.setAction(self.draw_action)  # the button stays checked while the tool is active
 
