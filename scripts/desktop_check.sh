@@ -55,7 +55,7 @@ mkdir -p "$OUT/docs"
 shrink() { [ -f "$OUT/$1.png" ] && convert "$OUT/$1.png" -crop "$3" +repage -resize '800x>' -colors 128 "$OUT/docs/$2.png"; }
 shrink 04_installer_done installer 722x422+349+199 || true
 shrink 06_result_map result_map 1140x760+300+140 || true
-shrink 07_drawing_tool drawing_tool 1440x900+0+0 || true
+shrink 07_drawing_tool drawing_tool 1170x770+270+130 || true
 "$PY" - "$OUT/check.json" <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
