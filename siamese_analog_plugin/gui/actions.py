@@ -262,10 +262,12 @@ class AnalogGui:
     def input_raster(self) -> QgsRasterLayer | None:
         """The active raster layer, else the first raster shown on the canvas, else in the project;
         never one of the plugin's own results (a dissimilarity or class raster is no imagery)."""
+        from ..embedding_layers import embeddings_of_layer
         from ..styles import is_result_layer
 
-        def usable(layer) -> bool:
-            return isinstance(layer, QgsRasterLayer) and layer.isValid() and not is_result_layer(layer)
+        def usable(layer) -> bool:  # embedding rasters and what is computed from them are no imagery either
+            return isinstance(layer, QgsRasterLayer) and layer.isValid() and not is_result_layer(layer) \
+                and embeddings_of_layer(layer) is None
 
         active = self.iface.activeLayer()
         if usable(active):

@@ -18,7 +18,6 @@ from qgis.core import (
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsProcessingParameterVectorLayer,
     QgsProviderRegistry,
@@ -27,7 +26,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, engine_errors
+from .base import AnalogAlgorithm, ProcessingFeedbackAdapter, device_parameter, device_value, engine_errors
 from .embed_area import embeddings_parameter_path
 from .layers import gdal_path, reference_paths
 
@@ -138,8 +137,7 @@ viewer), and optionally the <b>cells</b> (one dissimilarity column per reference
             QgsProcessingParameterNumber(self.REFERENCE_RESOLUTION,
                                          self.tr("Metres per pixel of references that are not georeferenced"),
                                          QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
-            QgsProcessingParameterString(self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"),
-                                         defaultValue="auto"),
+            device_parameter(self.DEVICE, self.tr("Device")),
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
@@ -215,7 +213,7 @@ viewer), and optionally the <b>cells</b> (one dissimilarity column per reference
                     band=self._optional_int(parameters, self.BAND, context),
                     reference_resolution_m=self._optional_number(parameters, self.REFERENCE_RESOLUTION, context),
                     model=self.parameterAsFile(parameters, self.MODEL, context) or None,
-                    device=(self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
+                    device=device_value(self, parameters, self.DEVICE, context),
                     batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                     force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
                     runtime=self._runtime(parameters, context, self.RUNTIME))

@@ -19,11 +19,17 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
     QgsUnitTypes,
 )
 
-from .base import AnalogAlgorithm, KeptAlivePostProcessor, ProcessingFeedbackAdapter, engine_errors
+from .base import (
+    AnalogAlgorithm,
+    KeptAlivePostProcessor,
+    ProcessingFeedbackAdapter,
+    device_parameter,
+    device_value,
+    engine_errors,
+)
 from .layers import area_from_source, gdal_path
 
 __all__ = ["EmbedAreaAlgorithm", "EmbeddingsStyler", "EmbeddingsTagger", "tag_layers_with_embeddings",
@@ -149,8 +155,7 @@ like colours. The embedding raster stays tied to its imagery file: a query refus
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
             QgsProcessingParameterNumber(self.BAND, self.tr("Band to use (empty = luminance of RGB, or band 1)"),
                                          QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
-            QgsProcessingParameterString(self.DEVICE, self.tr("Device (auto, cpu, cuda, cuda:N, mps)"),
-                                         defaultValue="auto"),
+            device_parameter(self.DEVICE, self.tr("Device")),
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
@@ -197,7 +202,7 @@ like colours. The embedding raster stays tied to its imagery file: a query refus
                 max_nodata=self.parameterAsDouble(parameters, self.MAX_NODATA, context),
                 band=self._optional_int(parameters, self.BAND, context),
                 model=self.parameterAsFile(parameters, self.MODEL, context) or None,
-                device=(self.parameterAsString(parameters, self.DEVICE, context) or "auto").strip(),
+                device=device_value(self, parameters, self.DEVICE, context),
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                 force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
                 runtime=self._runtime(parameters, context, self.RUNTIME))
