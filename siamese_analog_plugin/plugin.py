@@ -19,6 +19,15 @@ LOG_TAG = "Siamese Analog Finder"
 GUI_MODULE = f"{__package__}.gui.actions"
 
 
+def installer_packages(missing: list[str]) -> list[str]:
+    """What the installer offers for ``missing`` (from ``missing_dependencies()``): "torch" there
+    means no encoder runtime at all, and ONNX Runtime (~80 MB, no training) is the one to get."""
+    from .dependencies import PACKAGES
+
+    names = ["onnxruntime" if name == "torch" else name for name in missing]
+    return [name for name in dict.fromkeys(names) if name in PACKAGES]
+
+
 class SiameseAnalogPlugin:
     """The object QGIS gets from ``classFactory``.
 
@@ -116,15 +125,14 @@ class SiameseAnalogPlugin:
             return
         hint = install_hint(self.missing)
         QgsMessageLog.logMessage(hint, LOG_TAG, Qgis.MessageLevel.Warning)
-        from .dependencies import PACKAGES
 
-        installable = [name for name in self.missing if name in PACKAGES]
+        installable = installer_packages(self.missing)
         if installable and self.iface is not None:
             from .gui.installer import offer_install
 
             names = ", ".join(installable)
             self.install_message = offer_install(
-                self.iface, installable, f"needs {names}, which QGIS's Python lacks.",
+                self.iface, installable, f"needs {names} to run its encoder; QGIS's Python lacks it.",
                 on_installed=self._installed)
             if self.install_message is not None:
                 return
@@ -139,7 +147,7 @@ class SiameseAnalogPlugin:
         from .gui.installer import DependencyInstallerDialog
 
         if names is None:
-            names = [n for n in missing_dependencies() if n in PACKAGES] or missing_packages(list(PACKAGES)) \
+            names = installer_packages(missing_dependencies()) or missing_packages(list(PACKAGES)) \
                 or ["onnxruntime"]
         self.installer_dialog = DependencyInstallerDialog(names, parent=self.iface.mainWindow())
         self.installer_dialog.installed.connect(self._installed)

@@ -62,14 +62,17 @@ def test_loads_without_torch_and_says_what_to_install(qgis_iface, registry, monk
     plugin.initGui()
     try:
         assert plugin.missing == ["torch"]
-        # The message bar offers the installer (a button), the log has the command.
+        # The message bar offers the installer for ONNX Runtime (a button), the log has the command.
         item = plugin.install_message
-        assert item is not None and "torch" in item.text()
+        assert item is not None and "onnxruntime" in item.text()
         assert item._install_button.text() == "Install…"
+        item._install_button.click()
+        assert item._installer_dialog.names == ["onnxruntime"]
+        item._installer_dialog.close()
         alg = registry.algorithmById(f"{PROVIDER_ID}:findanalogs")
         assert alg is not None
         ok, message = alg.canExecute()
-        assert not ok and "pip install --target" in message and '"torch>=' in message
+        assert not ok and "pip install --target" in message and '"onnxruntime>=' in message
         assert "numpy" not in message
         with pytest.raises(QgsProcessingException, match="pip install --target"):
             processing.run(alg.id(), {"INPUT": str(SAMPLE_RASTER), "REFERENCE": [str(SAMPLE_REFERENCE)],
@@ -96,7 +99,7 @@ def test_searches_without_torch_when_onnxruntime_is_there(qgis_iface, registry, 
         ok, _ = registry.algorithmById(f"{PROVIDER_ID}:findanalogs").canExecute()
         assert ok
         ok, message = registry.algorithmById(f"{PROVIDER_ID}:trainencoder").canExecute()
-        assert not ok and "pip install torch" in message
+        assert not ok and "pip install --target" in message and '"torch>=' in message
         result = processing.run(f"{PROVIDER_ID}:findanalogs", {
             "INPUT": str(SAMPLE_RASTER), "REFERENCE": [str(SAMPLE_REFERENCE)], "CELL_SIZE": 20000,
             "OUTPUT_RASTER": str(tmp_path / "d.tif"), "OUTPUT_CELLS": str(tmp_path / "c.gpkg")})
