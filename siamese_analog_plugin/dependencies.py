@@ -74,7 +74,7 @@ PACKAGES: dict[str, Requirement] = {
     "onnxruntime": Requirement(
         "onnxruntime", "onnxruntime>=1.16,<1.33",
         (("flatbuffers", "flatbuffers"), ("packaging", "packaging"), ("google.protobuf", "protobuf>=4.25.8,<7")),
-        purpose="runs the encoder (searches, embeddings, landform maps)", size="about 20 MB"),
+        purpose="runs the encoder (searches, embeddings, landform maps)", size="a 30 MB download"),
     "torch": Requirement(
         # Up to the version the project tests (requirements.txt): newer releases may need newer
         # sympy/typing-extensions than a distribution's Python has (those come first on sys.path).

@@ -150,6 +150,8 @@ class DependencyInstallerDialog(QDialog):
         if self.succeeded is not None:
             return
         self.succeeded = ok
+        bar = self.log.verticalScrollBar()
+        bar.setValue(bar.maximum())  # the outcome, not the middle of pip's log
         self.progress.setRange(0, 1)
         self.progress.setValue(1 if ok else 0)
         if ok:
