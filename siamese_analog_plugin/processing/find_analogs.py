@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from qgis.core import (
     QgsUnitTypes,
 )
 
-from .base import AnalogAlgorithm, KeptAlivePostProcessor, ProcessingFeedbackAdapter, engine_errors
+from .base import AnalogAlgorithm, KeptAlivePostProcessor, ProcessingFeedbackAdapter, engine_errors, vector_file
 from .layers import RenderedRasterSource, area_from_source, gdal_path, reference_paths
 
 __all__ = ["FindAnalogsAlgorithm", "ResultStyler"]
@@ -223,6 +222,7 @@ leaves no partial files.</p>"""
             raise QgsProcessingException(f"'{layer.name()}' is a tile/web layer, but an embedding raster belongs to "
                                          "an imagery file. Choose the raster file it was made from as the imagery, "
                                          "or leave the embedding raster empty.")
+        self._area_file = vector_file(self, parameters, self.AREA, context)
         return True
 
     # -- worker thread -------------------------------------------------------------------
@@ -238,12 +238,17 @@ leaves no partial files.</p>"""
                                          "Give a file name ending in .tif.")
         adapter = ProcessingFeedbackAdapter(feedback, 0.0, 95.0 if out_report else 100.0)
         work_dir = None
-        written: list[str] = []
         with engine_errors("The search"):
             from ..engine.outputs import check_destination
             from ..engine.runtime import load_runtime
+            from ..engine.safety import check_outputs
             from ..engine.search import SearchParams, run_search
 
+            # Before anything is read: an output that is an input (or another output) is refused.
+            check_outputs({"dissimilarity raster": out_raster, "analog cells": out_cells, "report": out_report,
+                           "kept embeddings": keep},
+                          {"Earth imagery": self._raster_path, "reference": self._references,
+                           "area": self._area_file, "embedding raster": self._embeddings})
             if out_report:
                 check_destination(out_report, "report")
             area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)
@@ -273,18 +278,20 @@ leaves no partial files.</p>"""
                     force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
                     top_k=self.parameterAsInt(parameters, self.TOP_K, context),
                     embeddings=self._embeddings, keep_embeddings=keep, runtime=runtime)
-                result = run_search(params, out_raster, out_cells, adapter, encoder=encoder)
-                written = [out_raster, out_cells] + ([keep] if keep else [])
+                also = None
                 if out_report:
-                    from .report import write_report
+                    from .report import report_html
 
-                    feedback.setProgressText("Writing the report")
-                    write_report(out_report, result, raster, top=params.top_k, raster_label=self._raster_name)
-                    feedback.setProgress(100)
-            except BaseException:
-                for path in written:  # both outputs or neither: a failed report takes them back
-                    _remove(path)
-                raise
+                    def _write_report(result, tmp: str) -> None:
+                        feedback.setProgressText("Writing the report")
+                        text = report_html(result, raster, top=params.top_k, raster_label=self._raster_name)
+                        with open(tmp, "w", encoding="utf-8") as fh:
+                            fh.write(text)
+                        feedback.setProgress(100)
+
+                    # The report is moved into place with the raster and the cells, as one set.
+                    also = {"report": (out_report, _write_report)}
+                result = run_search(params, out_raster, out_cells, adapter, encoder=encoder, also_write=also)
             finally:
                 if work_dir:
                     shutil.rmtree(work_dir, ignore_errors=True)
@@ -345,8 +352,3 @@ leaves no partial files.</p>"""
                 SITES_LAYER_NAME, details.project, self.OUTPUT_SITES, QgsProcessingUtils.LayerHint.Vector))
             context.layerToLoadOnCompletionDetails(sites).setPostProcessor(ResultStyler.create("sites"))
 
-
-def _remove(path: str) -> None:
-    for extra in ("", ".aux.xml", "-journal", "-wal", "-shm"):
-        with contextlib.suppress(OSError):
-            os.remove(path + extra)
