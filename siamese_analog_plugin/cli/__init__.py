@@ -59,8 +59,9 @@ def _search_parser(sub) -> None:
                    help="Mars reference image(s) (PNG/JPEG/GeoTIFF) or folder(s) of them")
     p.add_argument("--area", help="polygon file (GeoPackage, GeoJSON, Shapefile; any CRS); default: raster extent")
     p.add_argument("--area-layer", help="layer of the area file (default: the first)")
-    p.add_argument("--cell-size", type=positive_float, help="cell side in metres (default: the reference's ground size "
-                                                   "when it is georeferenced, else 100 raster pixels)")
+    p.add_argument("--cell-size", type=positive_float,
+                   help="cell side in metres (default: the reference's ground size when it is georeferenced, "
+                        "else 100 raster pixels)")
     p.add_argument("--stride", type=positive_float, help="distance between cells in metres (default: the cell size)")
     p.add_argument("--min-coverage", type=fraction, default=0.5, help="keep cells at least this share inside the area")
     p.add_argument("--max-nodata", type=share_below_one, default=0.5,

@@ -124,8 +124,7 @@ def register_compare(sub) -> None:
     p.add_argument("--reference", required=True, nargs="+",
                    help="Mars reference image(s) or folder(s) of them: one column of the matrix each")
     p.add_argument("--cell-size", type=positive_float,
-                   help="cell side in metres (default: the references' ground size, "
-                                                   "else 100 raster pixels)")
+                   help="cell side in metres (default: the references' ground size, else 100 raster pixels)")
     p.add_argument("--stride", type=positive_float, help="distance between cells in metres (default: the cell size)")
     p.add_argument("--min-coverage", type=fraction, default=0.5, help="keep cells at least this share inside a region")
     p.add_argument("--max-nodata", type=share_below_one, default=0.5,
