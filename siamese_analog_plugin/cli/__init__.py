@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from .. import __version__
 from ..engine.errors import AnalogFinderError
+from .options import OneLineParser, fraction, non_negative_int, positive_float, positive_int, share_below_one
 
 # Every command of the command line, in the order ``--help`` lists them: (module of this
 # package, function that adds its parser(s)). "" is this module.
@@ -37,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--batch-size", type=int, default=128, help="cells encoded together (default: 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="cells encoded together (default: 128)")
     p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
                    help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (onnx when "
                         "onnxruntime and an .onnx model are there, else torch; default)")
@@ -57,23 +59,25 @@ def _search_parser(sub) -> None:
                    help="Mars reference image(s) (PNG/JPEG/GeoTIFF) or folder(s) of them")
     p.add_argument("--area", help="polygon file (GeoPackage, GeoJSON, Shapefile; any CRS); default: raster extent")
     p.add_argument("--area-layer", help="layer of the area file (default: the first)")
-    p.add_argument("--cell-size", type=float, help="cell side in metres (default: the reference's ground size "
-                                                   "when it is georeferenced, else 100 raster pixels)")
-    p.add_argument("--stride", type=float, help="distance between cells in metres (default: the cell size)")
-    p.add_argument("--min-coverage", type=float, default=0.5, help="keep cells at least this share inside the area")
-    p.add_argument("--max-nodata", type=float, default=0.5, help="skip cells with more nodata than this share")
-    p.add_argument("--band", type=int, help="raster band to use (default: luminance of RGB, or band 1)")
-    p.add_argument("--reference-resolution", type=float,
+    p.add_argument("--cell-size", type=positive_float,
+                   help="cell side in metres (default: the reference's ground size when it is georeferenced, "
+                        "else 100 raster pixels)")
+    p.add_argument("--stride", type=positive_float, help="distance between cells in metres (default: the cell size)")
+    p.add_argument("--min-coverage", type=fraction, default=0.5, help="keep cells at least this share inside the area")
+    p.add_argument("--max-nodata", type=share_below_one, default=0.5,
+                   help="skip cells with more nodata than this share")
+    p.add_argument("--band", type=positive_int, help="raster band to use (default: luminance of RGB, or band 1)")
+    p.add_argument("--reference-resolution", type=positive_float,
                    help="metres per pixel of references that are not georeferenced")
     p.add_argument("--aggregate", choices=("nearest", "mean"), default="nearest",
                    help="with several references: distance to the nearest one or to their mean")
     _add_model_args(p)
-    p.add_argument("--max-cells", type=int, default=1_000_000, help="refuse larger grids unless --force")
+    p.add_argument("--max-cells", type=positive_int, default=1_000_000, help="refuse larger grids unless --force")
     p.add_argument("--force", action="store_true", help="run even when the cell count is above --max-cells")
     p.add_argument("--out-raster", required=True, help="dissimilarity GeoTIFF to write")
     p.add_argument("--out-cells", required=True, help="GeoPackage of cells to write")
     p.add_argument("--out-png", help="also write a picture of the map")
-    p.add_argument("--top", type=int, default=10, help="how many best sites to print and list")
+    p.add_argument("--top", type=non_negative_int, default=10, help="how many best sites to print and list")
     p.add_argument("--cache", help="folder of cached cell embeddings: a later search of the same area, raster and "
                                    "model only computes distances")
     p.add_argument("--amp", action="store_true",
@@ -84,6 +88,27 @@ def _search_parser(sub) -> None:
 
 
 def cmd_search(args) -> int:
+    from ..engine.outputs import check_destination
+    from ..engine.safety import check_output_format, check_outputs, hold_destinations
+
+    # Before anything is read: formats, outputs that are inputs or one another, the lock.
+    outputs = {"--out-raster": args.out_raster, "--out-cells": args.out_cells, "--out-png": args.out_png,
+               "--keep-embeddings": args.keep_embeddings}
+    check_outputs(outputs, {"--raster": args.raster, "--embeddings": args.embeddings, "--reference": args.reference,
+                            "--area": args.area, "--model": args.model})
+    check_output_format(args.keep_embeddings, "embedding raster", (".tif", ".tiff"), "GeoTIFF")
+    check_output_format(args.out_raster, "output raster", (".tif", ".tiff"), "GeoTIFF")
+    check_output_format(args.out_cells, "output cell layer", (".gpkg",), "GeoPackage")
+    check_output_format(args.out_png, "picture", (".png",), "PNG picture")
+    for path, what in ((args.out_raster, "output raster"), (args.out_cells, "output cell layer"),
+                       (args.out_png, "picture")):
+        if path:
+            check_destination(path, what)
+    with hold_destinations(list(filter(None, outputs.values()))):
+        return _search(args)
+
+
+def _search(args) -> int:
     from ..engine.feedback import ConsoleFeedback
     from ..engine.search import SearchParams, run_search
     from ..engine.vector import read_area
@@ -102,18 +127,22 @@ def cmd_search(args) -> int:
 
         raise InputError("search needs the imagery (--raster) or its embeddings (--embeddings)",
                          "Give --raster FILE, or --embeddings EMB.tif made by embed-area")
+    also = None
     if args.out_png:
-        from ..engine.outputs import check_destination
+        from ..engine.figures import render_search_png
 
-        check_destination(args.out_png, "picture")
-    result = run_search(params, args.out_raster, args.out_cells, feedback)
+        # The picture is one of the run's outputs: moved into place with the others, or none is.
+        also = {"png": (args.out_png, lambda result, tmp: render_search_png(
+            result, args.raster or result.extra.get("raster"), tmp, top=min(args.top, 5)))}
+    result = run_search(params, args.out_raster, args.out_cells, feedback, also_write=also)
     report_sites(result, args, "Best analog sites", "more Mars-like",
-                 [args.out_raster, args.out_cells, args.keep_embeddings])
+                 [args.out_raster, args.out_cells, args.keep_embeddings, args.out_png], picture_written=True)
     return 0
 
 
-def report_sites(result, args, title: str, lower: str, written: list) -> None:
-    """Print the best cells of a search-like result (or JSON), what was written, and the picture."""
+def report_sites(result, args, title: str, lower: str, written: list, picture_written: bool = False) -> None:
+    """Print the best cells of a search-like result (or JSON), what was written, and the picture
+    (unless the run already wrote it with its other outputs: ``picture_written``)."""
     best = result.best(args.top)
     if args.json:
         print(json.dumps({"device": result.device, "cells": len(result.grid), "seconds": round(result.seconds, 3),
@@ -128,7 +157,7 @@ def report_sites(result, args, title: str, lower: str, written: list) -> None:
     say = sys.stderr if args.json else sys.stdout  # with --json, standard output is the JSON alone
     if written:
         print(f"\nWrote {', '.join(written)}", file=say)
-    if getattr(args, "out_png", None):
+    if getattr(args, "out_png", None) and not picture_written:
         from ..engine.figures import render_search_png
 
         raster = getattr(args, "raster", None) or result.extra.get("raster")
@@ -153,8 +182,10 @@ def cmd_embed(args) -> int:
     from ..engine.feedback import ConsoleFeedback
     from ..engine.image_embeddings import embed_folder
     from ..engine.outputs import atomic_outputs, check_destination
+    from ..engine.safety import check_outputs
 
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    check_outputs({"--out": out}, {"--images": args.images, "--model": args.model})
     check_destination(out, "output file")
     paths, emb, device = embed_folder(args.images, args.model, args.device, args.batch_size,
                                       ConsoleFeedback(quiet=args.quiet), runtime=args.runtime)
@@ -199,7 +230,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m siamese_analog_plugin",
+    parser = OneLineParser(prog="python -m siamese_analog_plugin",
                                      description="Siamese Analog Finder: where on Earth does the ground look like "
                                                  "this patch of Mars?")
     parser.add_argument("--version", action="version", version=__version__)
@@ -211,19 +242,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..engine.safety import committed_outputs, install_signal_handlers, restore_signal_handlers
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    handlers = install_signal_handlers()  # SIGTERM as Ctrl-C: temporary files removed, older outputs kept
+    # GDAL prints its own "ERROR 1: ..." lines besides the exception it raises; the one-line
+    # error printed below already carries GDAL's message.
+    os.environ.setdefault("CPL_LOG", os.devnull)
+    before = len(committed_outputs())
     try:
         return int(args.func(args) or 0)
     except AnalogFinderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        written = committed_outputs()[before:]
+        if written:
+            print(f"interrupted after writing {', '.join(written)}", file=sys.stderr)
+        else:
+            print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    finally:
+        restore_signal_handlers(handlers)
 
 
 if __name__ == "__main__":  # pragma: no cover

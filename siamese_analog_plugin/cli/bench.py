@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..engine.benchmark import run_benchmark
+from .options import positive_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -13,7 +14,7 @@ def register(subparsers) -> None:
                               description="Make large rasters and measure: end-to-end cells/s vs the encoder alone, "
                                           "vs a naive loop, peak memory at three area sizes, cached re-query time. "
                                           "The last line printed is a JSON object of the figures.")
-    p.add_argument("--cells", type=int,
+    p.add_argument("--cells", type=positive_int,
                    help="cells of the speed run (default 16384: seconds of search, so its fixed costs weigh little; "
                         "--quick: 144)")
     p.add_argument("--rss-cells", help="comma-separated area sizes for memory (default 1000,10000,100000)")
@@ -26,11 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch", "both"),
                    help="inference runtime as the search chooses it (auto), onnx, torch, or both: the figures of "
                         "auto's choice plus end-to-end and model-only speeds of each runtime")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--naive-seconds", type=float, help="time given to the naive loop (default 20; --quick: 2)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--naive-seconds", type=positive_float, help="time given to the naive loop (default 20; --quick: 2)")
     p.add_argument("--workdir", help="keep the rasters and outputs here (default: a temporary folder)")
-    p.add_argument("--requery-cells", type=int, help="cells of the embedding-raster re-query (default 1,000,000; "
-                                                      "--quick: 10,000)")
+    p.add_argument("--requery-cells", type=positive_int,
+                   help="cells of the embedding-raster re-query (default 1,000,000; --quick: 10,000)")
     p.add_argument("--quick", action="store_true", help="small sizes and the tiny model: a smoke run of seconds")
     p.set_defaults(func=cmd_bench)
 

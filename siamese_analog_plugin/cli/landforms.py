@@ -16,13 +16,14 @@ from ..engine.outputs import atomic_outputs, check_destination
 from ..engine.support import read_labelled_features
 from ..learning.fewshot_eval import HIRISE_CLASSES, evaluate_fewshot, parse_transfer_models, results_table
 from ..learning.splits import HeldOutSplit
+from .options import fraction, non_negative_int, positive_float, positive_int, share_below_one
 
 
 def _model_args(p) -> None:
     p.add_argument("--model", default=None,
                    help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--batch-size", type=int, default=128, help="patches encoded together (default: 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="patches encoded together (default: 128)")
     p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
                    help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (onnx when "
                         "onnxruntime and an .onnx model are there, else torch; default)")
@@ -45,6 +46,19 @@ def cmd_fewshot(args) -> int:
 
 
 def cmd_fewshot_map(args) -> int:
+    from ..engine.safety import check_output_format, check_outputs, hold_destinations
+
+    # Before anything is read: formats, outputs that are inputs or one another, the lock.
+    check_outputs({"--out-raster": args.out_raster, "--out-cells": args.out_cells},
+                  {"--raster": args.raster, "--embeddings": args.embeddings, "--labels": args.labels,
+                   "--area": args.area, "--support": args.support, "--model": args.model})
+    check_output_format(args.out_raster, "class raster", (".tif", ".tiff"), "GeoTIFF")
+    check_output_format(args.out_cells, "cell layer", (".gpkg",), "GeoPackage")
+    with hold_destinations([args.out_raster, args.out_cells]):
+        return _fewshot_map(args)
+
+
+def _fewshot_map(args) -> int:
     from ..engine.vector import read_area
 
     feedback = ConsoleFeedback(quiet=args.quiet)
@@ -119,7 +133,7 @@ def register(sub) -> None:
                                      "written by 'transfer --step 2')")
     p.add_argument("--query", required=True, help="folder of images to classify (searched recursively)")
     p.add_argument("--out", required=True, help="predictions CSV to write")
-    p.add_argument("--scale", type=float, default=None, help=f"logit scale for the confidence (default "
+    p.add_argument("--scale", type=positive_float, default=None, help=f"logit scale for the confidence (default "
                                                              f"{DEFAULT_SCALE:g} or the model's)")
     _model_args(p)
     p.add_argument("--quiet", action="store_true")
@@ -139,14 +153,14 @@ def register(sub) -> None:
     p.add_argument("--support", help="instead of --labels: folder of <class>/* example images")
     p.add_argument("--area", help="polygon file (default: the raster's extent)")
     p.add_argument("--area-layer", help="layer of the area file")
-    p.add_argument("--cell-size", type=float, help="cell side in metres (default: 100 raster pixels)")
-    p.add_argument("--stride", type=float, help="distance between cells in metres (default: the cell size)")
-    p.add_argument("--min-coverage", type=float, default=0.5)
-    p.add_argument("--max-nodata", type=float, default=0.5)
-    p.add_argument("--band", type=int)
-    p.add_argument("--scale", type=float, default=None, help="logit scale for the confidence")
+    p.add_argument("--cell-size", type=positive_float, help="cell side in metres (default: 100 raster pixels)")
+    p.add_argument("--stride", type=positive_float, help="distance between cells in metres (default: the cell size)")
+    p.add_argument("--min-coverage", type=fraction, default=0.5)
+    p.add_argument("--max-nodata", type=share_below_one, default=0.5)
+    p.add_argument("--band", type=positive_int)
+    p.add_argument("--scale", type=positive_float, default=None, help="logit scale for the confidence")
     _model_args(p)
-    p.add_argument("--max-cells", type=int, default=1_000_000)
+    p.add_argument("--max-cells", type=positive_int, default=1_000_000)
     p.add_argument("--force", action="store_true")
     p.add_argument("--out-raster", required=True, help="class GeoTIFF to write")
     p.add_argument("--out-cells", required=True, help="GeoPackage of cells to write")
@@ -165,17 +179,18 @@ def register(sub) -> None:
     p.add_argument("--transfer-model", nargs="+",
                    help="model after the stepwise transfer (transfer --step 1), for every dataset; or one per "
                         "dataset as HiRISE=FILE AID=FILE (step 1 on that dataset's labelled training images)")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--draws", type=int, default=10, help="random support draws per k (default: 10)")
-    p.add_argument("--max-per-class", type=int, default=60, help="held-out images used per class (default: 60)")
-    p.add_argument("--adapt-steps", type=int, default=0,
+    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--draws", type=positive_int, default=10, help="random support draws per k (default: 10)")
+    p.add_argument("--max-per-class", type=positive_int, default=60,
+                   help="held-out images used per class (default: 60)")
+    p.add_argument("--adapt-steps", type=non_negative_int, default=0,
                    help="also fine-tune the last layers on each support draw for this many steps (step 2)")
     p.add_argument("--split", help="split.json of held-out images (default: the one beside the shipped model, "
                                    "else a hash of the scene id)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, fastest for the many "
-                                                           "small fine-tuning steps)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default: 1, fastest for the many small fine-tuning steps)")
     p.add_argument("--out", help="JSON file of all results")
     p.add_argument("--markdown", help="Markdown table to write")
     p.add_argument("--quiet", action="store_true")

@@ -15,6 +15,7 @@ from ..learning.evaluation import evaluate_model, format_table
 from ..learning.splits import HeldOutSplit
 from ..learning.training import DEFAULT_OUT, TrainConfig, train
 from ..learning.transfer import transfer_step1, transfer_step2
+from .options import non_negative_float, non_negative_int, positive_float, positive_int, share_below_one
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -39,31 +40,34 @@ def register_train(subparsers) -> None:
     p.add_argument("--data", default=d.data, help="data folder (default: %(default)s)")
     p.add_argument("--arch", choices=("compact", "paper"), default="compact",
                    help="compact (shipped default) or paper (the published 40 M-parameter network)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default %(default)s; the paper ran 300)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="labelled pairs per batch")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam weight decay")
-    p.add_argument("--margin", type=float, default=d.margin, help="contrastive margin")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs,
+                   help="epochs (default %(default)s; the paper ran 300)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="labelled pairs per batch")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help="Adam weight decay")
+    p.add_argument("--margin", type=positive_float, default=d.margin, help="contrastive margin")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split, initialisation and draws")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--out", default="", help="model file to write (default: models/siamese_compact.pt)")
     p.add_argument("--resume", default="", help="continue from a training-state file (OUT.state.pt)")
-    p.add_argument("--augment", type=int, default=d.augment,
+    p.add_argument("--augment", type=positive_int, default=d.augment,
                    help="augmented views of each training image over the run (the paper's x10)")
-    p.add_argument("--pairs-per-epoch", type=int, default=None,
+    p.add_argument("--pairs-per-epoch", type=positive_int, default=None,
                    help="epoch length in pairs (default: augment x training images / (2 x epochs); "
                         "the shipped model used 5120)")
-    p.add_argument("--embedding-dim", type=int, default=None, help="embedding size (default: 32 compact, 5 paper)")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share (default 0.1)")
+    p.add_argument("--embedding-dim", type=positive_int, default=None,
+                   help="embedding size (default: 32 compact, 5 paper)")
+    p.add_argument("--test-fraction", type=share_below_one, default=d.test_fraction,
+                   help="held-out share (default 0.1)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule, help="learning-rate schedule")
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="decoded-patch cache (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="decode images without a disk cache")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=d.threads, help="CPU threads for torch")
     p.add_argument("--pooling", choices=("meanstd", "center"), default=None,
                    help="compact network pooling (default: the architecture default)")
-    p.add_argument("--class-loss", type=float, default=d.class_loss,
+    p.add_argument("--class-loss", type=non_negative_float, default=d.class_loss,
                    help="weight of the auxiliary cosine-proxy class loss (0: contrastive only)")
-    p.add_argument("--class-scale", type=float, default=d.class_scale, help="logit scale of the class loss")
+    p.add_argument("--class-scale", type=positive_float, default=d.class_scale, help="logit scale of the class loss")
     p.add_argument("--class-targets", choices=("all", "non_analog"), default=d.class_targets,
                    help="groups scored by the class loss: all, or only those without a cross-group analog")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -121,7 +125,8 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--model", default="", help="model file (default: the shipped model)")
     p.add_argument("--data", default=str(default_data_root()), help="data folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the one in the model file)")
-    p.add_argument("--test-fraction", type=float, default=None, help="held-out share (default: from the model)")
+    p.add_argument("--test-fraction", type=share_below_one, default=None,
+                   help="held-out share (default: from the model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-baselines", action="store_true", help="skip the untrained and texture baselines")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -133,9 +138,9 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--transfer-model", nargs="+", default=None,
                    help="with --fewshot: also score the stepwise-transfer model (transfer --step 1): one FILE for "
                         "both datasets, or HiRISE=FILE AID=FILE")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="with --fewshot: k values")
-    p.add_argument("--draws", type=int, default=10, help="with --fewshot: random support draws per k")
-    p.add_argument("--adapt-steps", type=int, default=0,
+    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5, 10], help="with --fewshot: k values")
+    p.add_argument("--draws", type=positive_int, default=10, help="with --fewshot: random support draws per k")
+    p.add_argument("--adapt-steps", type=non_negative_int, default=0,
                    help="with --fewshot: also score step-2 fine-tuning on each support draw for this many steps")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_evaluate)
@@ -177,18 +182,21 @@ def register_transfer(sub) -> None:
     p.add_argument("--out", help="model file to write (.pt)")
     p.add_argument("--data", help="step 1: labelled Mars images, <class>/*")
     p.add_argument("--classes", nargs="+", help="step 1: classes to use (default: every class folder but 'edge')")
-    p.add_argument("--epochs", type=int, default=8, help="step 1 (default: 8)")
-    p.add_argument("--batch-size", type=int, default=32, help="step 1 (default: 32)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="step 1 (default: 8)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="step 1 (default: 32)")
     # A small encoder rate keeps what step 0 learnt; a large head rate lets the linear head keep up.
-    p.add_argument("--lr", type=float, default=1e-4, help="step 1: encoder learning rate (default: 1e-4)")
-    p.add_argument("--head-lr", type=float, default=1e-2, help="step 1: linear head learning rate (default: 1e-2)")
-    p.add_argument("--max-per-class", type=int, default=300, help="step 1: images per class at most (default: 300)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="step 1: encoder learning rate (default: 1e-4)")
+    p.add_argument("--head-lr", type=positive_float, default=1e-2,
+                   help="step 1: linear head learning rate (default: 1e-2)")
+    p.add_argument("--max-per-class", type=positive_int, default=300,
+                   help="step 1: images per class at most (default: 300)")
     p.add_argument("--split", help="step 1: split.json of held-out images, never trained on (default: the one "
                                    "beside the shipped model, else a hash of the scene id)")
     p.add_argument("--support", help="step 2: the few labelled examples, <class>/*")
-    p.add_argument("--steps", type=int, default=30, help="step 2: fine-tuning steps of the last layers (0 = none)")
-    p.add_argument("--adapt-lr", type=float, default=1e-3, help="step 2: learning rate (default: 1e-3)")
-    p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="step 2: cosine logit scale")
+    p.add_argument("--steps", type=non_negative_int, default=30,
+                   help="step 2: fine-tuning steps of the last layers (0 = none)")
+    p.add_argument("--adapt-lr", type=positive_float, default=1e-3, help="step 2: learning rate (default: 1e-3)")
+    p.add_argument("--scale", type=positive_float, default=DEFAULT_SCALE, help="step 2: cosine logit scale")
     p.add_argument("--no-augment", action="store_true", help="step 2: no rotated/reflected copies of the examples")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

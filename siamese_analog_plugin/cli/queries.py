@@ -6,17 +6,19 @@ from pathlib import Path
 
 from ..engine.errors import InputError
 from ..engine.feedback import ConsoleFeedback
+from .options import fraction, non_negative_int, positive_float, positive_int, share_below_one
 
 
 def _grid_args(p, cell_help: str) -> None:
     p.add_argument("--area", help="polygon file (GeoPackage, GeoJSON, Shapefile; any CRS); default: raster extent")
     p.add_argument("--area-layer", help="layer of the area file (default: the first)")
-    p.add_argument("--cell-size", type=float, help=cell_help)
-    p.add_argument("--stride", type=float, help="distance between cells in metres (default: the cell size)")
-    p.add_argument("--min-coverage", type=float, default=0.5, help="keep cells at least this share inside the area")
-    p.add_argument("--max-nodata", type=float, default=0.5, help="skip cells with more nodata than this share")
-    p.add_argument("--band", type=int, help="raster band to use (default: luminance of RGB, or band 1)")
-    p.add_argument("--max-cells", type=int, default=1_000_000, help="refuse larger grids unless --force")
+    p.add_argument("--cell-size", type=positive_float, help=cell_help)
+    p.add_argument("--stride", type=positive_float, help="distance between cells in metres (default: the cell size)")
+    p.add_argument("--min-coverage", type=fraction, default=0.5, help="keep cells at least this share inside the area")
+    p.add_argument("--max-nodata", type=share_below_one, default=0.5,
+                   help="skip cells with more nodata than this share")
+    p.add_argument("--band", type=positive_int, help="raster band to use (default: luminance of RGB, or band 1)")
+    p.add_argument("--max-cells", type=positive_int, default=1_000_000, help="refuse larger grids unless --force")
     p.add_argument("--force", action="store_true", help="run even when the cell count is above --max-cells")
 
 
@@ -24,7 +26,7 @@ def _model_args(p) -> None:
     p.add_argument("--model", default=None,
                    help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--batch-size", type=int, default=128, help="cells encoded together (default: 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="cells encoded together (default: 128)")
     p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
                    help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (default)")
 
@@ -46,8 +48,10 @@ def register_embed_area(sub) -> None:
 
 def cmd_embed_area(args) -> int:
     from ..engine.embed import EmbedParams, run_embed_area
+    from ..engine.safety import check_outputs
     from ..engine.vector import read_area
 
+    check_outputs({"--out": args.out}, {"--raster": args.raster, "--area": args.area, "--model": args.model})
     area = read_area(args.area, args.area_layer) if args.area else None
     params = EmbedParams(raster=args.raster, area=area, cell_size_m=args.cell_size, stride_m=args.stride,
                          min_coverage=args.min_coverage, max_nodata=args.max_nodata, band=args.band,
@@ -72,14 +76,15 @@ def register_similar(sub) -> None:
     p.add_argument("--image", nargs="+", help="the example is this image (encoded with the raster's model)")
     p.add_argument("--aggregate", choices=("nearest", "mean"), default="nearest",
                    help="with several examples: distance to the nearest one or to their mean")
-    p.add_argument("--max-nodata", type=float, default=0.5, help="leave out cells with more nodata than this share")
+    p.add_argument("--max-nodata", type=share_below_one, default=0.5,
+                   help="leave out cells with more nodata than this share")
     p.add_argument("--device", default="auto", help="for --image: auto | cpu | cuda (default: auto)")
     p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
                    help="for --image: inference runtime")
     p.add_argument("--out-raster", required=True, help="dissimilarity GeoTIFF to write")
     p.add_argument("--out-cells", required=True, help="GeoPackage of cells to write")
     p.add_argument("--out-png", help="also write a picture of the map")
-    p.add_argument("--top", type=int, default=10, help="how many most similar cells to print and list")
+    p.add_argument("--top", type=non_negative_int, default=10, help="how many most similar cells to print and list")
     p.add_argument("--json", action="store_true", help="print the most similar cells as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_similar)
@@ -87,9 +92,12 @@ def register_similar(sub) -> None:
 
 def cmd_similar(args) -> int:
     from ..engine.outputs import check_destination
+    from ..engine.safety import check_outputs
     from ..engine.similar import SimilarParams, run_similar
     from . import report_sites
 
+    check_outputs({"--out-raster": args.out_raster, "--out-cells": args.out_cells, "--out-png": args.out_png},
+                  {"--embeddings": args.embeddings, "--image": args.image})
     if args.out_png:
         check_destination(args.out_png, "picture")
     params = SimilarParams(embeddings=args.embeddings, points=[tuple(p) for p in args.point] if args.point else None,
@@ -115,15 +123,17 @@ def register_compare(sub) -> None:
     p.add_argument("--name-field", required=True, help="field holding each region's name")
     p.add_argument("--reference", required=True, nargs="+",
                    help="Mars reference image(s) or folder(s) of them: one column of the matrix each")
-    p.add_argument("--cell-size", type=float, help="cell side in metres (default: the references' ground size, "
-                                                   "else 100 raster pixels)")
-    p.add_argument("--stride", type=float, help="distance between cells in metres (default: the cell size)")
-    p.add_argument("--min-coverage", type=float, default=0.5, help="keep cells at least this share inside a region")
-    p.add_argument("--max-nodata", type=float, default=0.5, help="skip cells with more nodata than this share")
-    p.add_argument("--band", type=int, help="raster band to use")
-    p.add_argument("--reference-resolution", type=float, help="metres per pixel of non-georeferenced references")
+    p.add_argument("--cell-size", type=positive_float,
+                   help="cell side in metres (default: the references' ground size, else 100 raster pixels)")
+    p.add_argument("--stride", type=positive_float, help="distance between cells in metres (default: the cell size)")
+    p.add_argument("--min-coverage", type=fraction, default=0.5, help="keep cells at least this share inside a region")
+    p.add_argument("--max-nodata", type=share_below_one, default=0.5,
+                   help="skip cells with more nodata than this share")
+    p.add_argument("--band", type=positive_int, help="raster band to use")
+    p.add_argument("--reference-resolution", type=positive_float,
+                   help="metres per pixel of non-georeferenced references")
     _model_args(p)
-    p.add_argument("--max-cells", type=int, default=1_000_000, help="refuse larger grids unless --force")
+    p.add_argument("--max-cells", type=positive_int, default=1_000_000, help="refuse larger grids unless --force")
     p.add_argument("--force", action="store_true")
     p.add_argument("--out-csv", required=True, help="the table to write (.csv)")
     p.add_argument("--out-html", help="also an HTML page with the heatmap and box plots")
@@ -134,7 +144,11 @@ def register_compare(sub) -> None:
 
 def cmd_compare(args) -> int:
     from ..engine.compare import CompareParams, run_compare
+    from ..engine.safety import check_outputs
 
+    check_outputs({"--out-csv": args.out_csv, "--out-html": args.out_html, "--out-cells": args.out_cells},
+                  {"--raster": args.raster, "--embeddings": args.embeddings, "--regions": args.regions,
+                   "--reference": args.reference, "--model": args.model})
     if not args.raster and not args.embeddings:
         raise InputError("compare needs the imagery (--raster) or its embeddings (--embeddings)",
                          "Give --raster FILE, or --embeddings EMB.tif made by embed-area")

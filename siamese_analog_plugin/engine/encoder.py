@@ -487,6 +487,9 @@ def load_model(path: str | os.PathLike | None = None, device: str | None = "auto
                          f"(model format {payload.get('version')})", "Update the plugin")
     try:
         metadata = ModelMetadata.from_json(payload["metadata"])
+        if not isinstance(metadata.input_size, int) or not 8 <= metadata.input_size <= 4096:
+            raise ModelError(f"The model '{path}' says its input patches are {metadata.input_size!r} pixels wide, "
+                             "which cannot be", "The file is damaged or was edited; retrain or use the shipped model")
         params = {**metadata.arch_params, "embedding_dim": metadata.embedding_dim}
         network = build_network(metadata.architecture, metadata.input_size, **params)
         network.load_state_dict(payload["state_dict"], strict=True)

@@ -26,10 +26,15 @@ class AnalogFinderError(Exception):
     def __init__(self, problem: str, fix: str = "") -> None:
         self.problem = problem.rstrip(".")
         self.fix = fix.strip()
-        message = self.problem + "."
+        message = _sentence(self.problem)
         if self.fix:
-            message += " " + self.fix.rstrip(".") + "."
+            message += " " + _sentence(self.fix.rstrip("."))
         super().__init__(message)
+
+
+def _sentence(text: str) -> str:
+    """``text`` ended with a full stop, unless it already ends a sentence ("metres?")."""
+    return text if text.endswith(("?", "!")) else text + "."
 
 
 class InputError(AnalogFinderError):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoder import AnalogEncoder
+from .errors import InputError
 from .feedback import Feedback, check_cancelled
 from .imagery import images_in_folder, load_image_patch
 from .runtime import load_runtime
@@ -24,8 +25,10 @@ def embed_folder(folder: str | os.PathLike, model: str | None = None, device: st
         an ``(N, D)`` float32 array, and the device used.
 
     Raises:
-        InputError: the folder is missing or holds no image.
+        InputError: the folder is missing or holds no image, or the batch size is below 1.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:  # a negative step would skip every image
+        raise InputError(f"The batch size must be a whole number of at least 1, not {batch_size}", "Use e.g. 128")
     folder = Path(folder)
     files = images_in_folder(folder)
     feedback = feedback or Feedback()

@@ -74,6 +74,19 @@ def _open(path: str | os.PathLike, what: str):
                          "Give a GeoTIFF, PNG or JPEG file that GDAL can open") from exc
 
 
+def _gdal_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions rasterio raises when GDAL fails to read pixels."""
+    from rasterio._err import CPLE_BaseError
+    from rasterio.errors import RasterioError, RasterioIOError
+
+    return RasterioError, RasterioIOError, CPLE_BaseError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__
+
+
 def _is_georeferenced(ds) -> bool:
     return ds.crs is not None and not ds.transform.is_identity
 
@@ -81,8 +94,14 @@ def _is_georeferenced(ds) -> bool:
 def describe_raster(path: str | os.PathLike) -> RasterInfo:
     """Read a raster's size, CRS and extent (no pixels)."""
     with _open(path, "raster") as ds:
+        t = ds.transform
+        # The pixel's sides, also when the geotransform is rotated (a 90-degree one has a = e = 0).
+        res = (float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e)))
+        if not (res[0] > 0 and res[1] > 0):
+            raise InputError(f"The raster '{path}' has a degenerate geotransform (pixels of no size)",
+                             "Fix its georeferencing, e.g. with gdal_translate -a_ullr or gdalwarp")
         return RasterInfo(str(path), ds.width, ds.height, ds.count, ds.crs.to_wkt() if ds.crs else None,
-                          tuple(ds.bounds), (abs(ds.transform.a), abs(ds.transform.e)), _is_georeferenced(ds))
+                          tuple(ds.bounds), res, _is_georeferenced(ds))
 
 
 class GreyReader:
@@ -132,6 +151,7 @@ class GreyReader:
             self._nodata = [int(v) for v in nodata]
         kinds = {np.dtype(ds.dtypes[b - 1]) for b in self.bands}
         self._dtype = next(iter(kinds)) if len(kinds) == 1 else None  # of reads into a buffer
+        self._float = any(k.kind in "fc" for k in kinds)
         self._scratch = _Scratch()
         self._inverse = ~ds.transform
         self.lo, self.hi = stretch if stretch is not None else self._stretch()
@@ -166,6 +186,16 @@ class GreyReader:
     def _read_pixels(self, window, out_shape, resampling=None, scratch: _Scratch | None = None):
         """The bands' pixels ``(bands, *out_shape)`` of a window and their validity (``None``:
         all valid); with ``scratch``, in its buffers."""
+        try:
+            return self._read_checked(window, out_shape, resampling, scratch)
+        except _gdal_errors() as exc:
+            # A file whose header opens but whose pixels do not read (truncated, a VRT whose
+            # source is gone): one line naming the file, not a traceback.
+            raise InputError(f"The {self._what} '{self.path}' cannot be read: {_first_line(exc)}",
+                             "It may be truncated or refer to files that are missing: check it with "
+                             "gdalinfo -checksum, or make it again") from exc
+
+    def _read_checked(self, window, out_shape, resampling=None, scratch: _Scratch | None = None):
         rs = resampling if resampling is not None else _resampling().average
         shape = (len(self.bands), *out_shape)
         if scratch is not None and self._dtype is not None:
@@ -173,7 +203,12 @@ class GreyReader:
                                 resampling=rs)
         else:
             data = self.ds.read(self.bands, window=window, out_shape=shape, resampling=rs)
-        valid = None
+        valid = nan_ok = None
+        if self._float:
+            # NaN (and infinite) pixels are not data, with or without a nodata tag: invalid in
+            # every read path, so a cell's valid fraction counts them.
+            finite = np.isfinite(data[0]) if len(data) == 1 else np.isfinite(data).all(axis=0)
+            nan_ok = None if finite.all() else finite
         if self.has_mask:
             if self._nodata is not None and _not_resampled(window, out_shape):
                 # Only bands that may hold their nodata value are compared with it.
@@ -187,6 +222,8 @@ class GreyReader:
                 masks = self.ds.read_masks(self.bands, window=window, out_shape=shape,
                                            resampling=_resampling().nearest)
                 valid = masks.min(axis=0) > 0
+        if nan_ok is not None:
+            valid = nan_ok if valid is None else valid & nan_ok
         return data, valid
 
     def _stretch_in_place(self, grey: np.ndarray) -> np.ndarray:
@@ -602,6 +639,22 @@ def load_image_patch(path: str | os.PathLike, size: int, band: int | None = None
     return patch, (res * side if res else None)
 
 
+MIN_REFERENCE_PIXELS = 16  # a smaller reference (e.g. 8 x 8 px) is blown up into a blur, not texture
+
+
+def _check_texture(path, patch: np.ndarray) -> None:
+    """Refuse a reference that cannot carry texture: too few pixels, or one flat grey."""
+    with GreyReader(path, what="reference image", stretch=(0.0, 1.0)) as r:
+        w, h = r.ds.width, r.ds.height
+    if min(w, h) < MIN_REFERENCE_PIXELS:
+        raise InputError(f"The reference image '{path}' is only {w} x {h} pixels: too small to show texture",
+                         f"Give a Mars image of at least {MIN_REFERENCE_PIXELS} x {MIN_REFERENCE_PIXELS} pixels "
+                         "(the encoder compares 100 x 100 patches)")
+    if float(patch.max() - patch.min()) < 1e-3:
+        raise InputError(f"The reference image '{path}' is one flat grey: there is no texture to compare",
+                         "Give an image of the Mars terrain itself (not a blank or saturated one)")
+
+
 def load_references(references, size: int, resolution_m: float | None = None,
                     band: int | None = None) -> list[ReferenceImage]:
     """Load one or several Mars reference images.
@@ -619,10 +672,16 @@ def load_references(references, size: int, resolution_m: float | None = None,
     if references is None or references == "" or references == []:
         raise InputError("No Mars reference image was given",
                          "Give a PNG, JPEG or GeoTIFF of the Mars terrain to match")
+    if resolution_m is not None and not (resolution_m > 0 and np.isfinite(resolution_m)):
+        raise InputError(f"The reference resolution must be above 0 metres per pixel, not {resolution_m:g}",
+                         "Give the Mars image's metres per pixel, e.g. 6 for CTX, or leave it out")
     items = [references] if isinstance(references, (str, os.PathLike)) else list(references)
-    files: list[Path] = []
+    files: list[Path | str] = []
     for item in items:
         p = Path(item)
+        if str(item).startswith("/vsi") or "://" in str(item):
+            files.append(str(item))  # a GDAL virtual path (/vsizip/...): GDAL says whether it exists
+            continue
         if p.is_dir():
             found = list_images(p)
             if not found:
@@ -636,6 +695,7 @@ def load_references(references, size: int, resolution_m: float | None = None,
     out = []
     for f in files:
         patch, ground = load_image_patch(f, size, band=band, what="reference image")
+        _check_texture(f, patch)
         if ground is None and resolution_m:
             with GreyReader(f, band=band, what="reference image") as r:
                 ground = resolution_m * min(r.ds.width, r.ds.height)

@@ -18,6 +18,7 @@ from .grid import Area, CellGrid
 from .imagery import describe_raster
 from .outputs import atomic_outputs, check_destination
 from .runtime import load_runtime
+from .safety import check_output_format, check_outputs
 from .support import LabelledFeatures, SupportSet, support_from_features
 
 CLASS_NODATA = 0  # class raster value of cells outside the area or mostly nodata; classes are 1..C
@@ -126,9 +127,16 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
         raise InputError(f"The largest nodata share must be in [0, 1), not {params.max_nodata}", "Use e.g. 0.5")
     if out_cells and not str(out_cells).lower().endswith(".gpkg"):
         raise OutputError(f"The cell layer '{out_cells}' is not a GeoPackage", "Give a .gpkg file name")
+    check_output_format(out_raster, "class raster", (".tif", ".tiff"), "GeoTIFF")
+    check_outputs({"class raster": out_raster, "cell layer": out_cells},
+                  {"raster": params.raster, "embeddings": params.embeddings, "model": params.model,
+                   "support folder": support if isinstance(support, (str, os.PathLike)) else None})
     for path, what in ((out_raster, "class raster"), (out_cells, "cell layer")):
         if path:
             check_destination(path, what)
+    for value, what in ((params.cell_size_m, "cell size"), (params.stride_m, "stride")):
+        if value is not None and not value > 0:  # 0 is a mistake, not "the default"
+            raise InputError(f"The {what} must be above 0 metres, not {value:g}", "Give e.g. 500, or leave it out")
     source = EmbeddingRaster.open(params.embeddings) if params.embeddings else None
     if source is not None:
         source.check_raster(params.raster)
@@ -142,8 +150,11 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
     if source is not None:
         source.check_model(encoder)
     size = encoder.input_size
-    cell = source.facts.cell_size_m if source is not None else params.cell_size_m or _default_cell_size(info)
-    if not params.cell_size_m and source is None:
+    if source is not None:
+        cell = source.facts.cell_size_m
+    else:
+        cell = params.cell_size_m if params.cell_size_m is not None else _default_cell_size(info)
+    if params.cell_size_m is None and source is None:
         feedback.log(f"Cell size: {cell:.1f} m (100 raster pixels)")
     if isinstance(support, LabelledFeatures):
         support = support_from_features(params.raster, support, cell, size, params.band, params.max_nodata,

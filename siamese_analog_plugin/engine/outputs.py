@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import AnalogFinderError, OutputError
+from .safety import SIDECARS, hold_destinations, note_committed, partial_name, signals_deferred
 
 __all__ = [
     "NODATA",
@@ -38,6 +39,8 @@ __all__ = [
     "ResultStream",
     "write_dissimilarity_raster",
     "write_cells_gpkg",
+    "new_run_id",
+    "same_run",
 ]
 
 NODATA = -9999.0
@@ -64,14 +67,80 @@ def check_destination(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")
+_CHECK = "Check the destination (free disk space, permissions)"
+
+
+def _why(exc: BaseException) -> str:
+    """The reason GDAL or SQLite gave, or a plain guess when they gave none (a full disk makes
+    OGR fail without a message)."""
+    return str(exc).strip().rstrip(".") or "the file could not be written (is the disk full?)"
+
+
+def _temp_name(path: Path, tag: str = "") -> Path:
+    return partial_name(path, tag)
 
 
 def _remove_with_sidecars(path: Path) -> None:
-    for extra in ("", "-journal", "-wal", "-shm", ".aux.xml"):
+    for extra in SIDECARS:
         with contextlib.suppress(OSError):
             Path(str(path) + extra).unlink()
+
+
+def _move_with_sidecars(src: Path, dst: Path) -> None:
+    for extra in SIDECARS:
+        side = Path(str(src) + extra)
+        if extra == "" or side.exists():
+            os.replace(side, Path(str(dst) + extra))
+
+
+def _name_destination(exc: BaseException, tmp: dict[str, Path], final: dict[str, Path]) -> BaseException:
+    """An error that names a hidden temporary file names the user's destination instead."""
+    message = str(exc)
+    for k, t in tmp.items():
+        message = message.replace(str(t), str(final[k]))
+    if type(exc) in (OSError, PermissionError) and exc.errno is not None:  # disk full, quota, I/O
+        dest = next((str(final[k]) for k, t in tmp.items() if exc.filename and str(t) == str(exc.filename)),
+                    ", ".join(str(p) for p in final.values()))
+        return OutputError(f"Cannot write '{dest}': {exc.strerror or exc}",
+                           "Free some disk space or choose another destination")
+    if isinstance(exc, AnalogFinderError) and message != str(exc):
+        exc.args = (message,)
+    return exc
+
+
+def _commit(tmp: dict[str, Path], final: dict[str, Path]) -> None:
+    """Move every output into place, or none: older files are set aside first and put back
+    when a move fails; Ctrl-C and SIGTERM wait until the set is in place."""
+    backups: dict[str, Path] = {}
+    moved: list[str] = []
+    with signals_deferred():
+        try:
+            for k, p in final.items():
+                if p.exists() or p.is_symlink():
+                    backups[k] = _temp_name(p, "old")
+                    _move_with_sidecars(p, backups[k])
+                else:
+                    for extra in SIDECARS[1:]:  # sidecars of a file that is gone
+                        with contextlib.suppress(OSError):
+                            Path(str(p) + extra).unlink()
+                os.replace(tmp[k], p)
+                moved.append(k)
+                side = Path(str(tmp[k]) + ".aux.xml")
+                if side.exists():
+                    os.replace(side, Path(str(p) + ".aux.xml"))
+        except OSError as exc:
+            for k in moved:
+                _remove_with_sidecars(final[k])
+            for k, b in backups.items():
+                with contextlib.suppress(OSError):
+                    _move_with_sidecars(b, final[k])
+            for t in tmp.values():
+                _remove_with_sidecars(t)
+            raise OutputError(f"Cannot move the results into place ({exc.strerror or exc}); the older files are "
+                              "kept", "Check the destination folder") from exc
+        for b in backups.values():
+            _remove_with_sidecars(b)
+        note_committed(final.values())
 
 
 @contextlib.contextmanager
@@ -83,29 +152,25 @@ def atomic_outputs(paths: dict[str, str | os.PathLike | None]):
         with atomic_outputs({"raster": out_tif, "cells": out_gpkg}) as tmp:
             write(tmp["raster"]); write(tmp["cells"])
 
-    Outputs whose destination is ``None`` are skipped (``tmp[name]`` is ``None``). On any
-    exception (including a cancel) every temporary file is removed and nothing is replaced.
+    Outputs whose destination is ``None`` are skipped (``tmp[name]`` is ``None``). The
+    destinations are locked for the block (:func:`.safety.hold_destinations`: a second run
+    to them refuses; partial files of dead runs are removed). On any exception (including a
+    cancel, Ctrl-C or SIGTERM) every temporary file is removed and nothing is replaced; errors
+    that named a temporary file name its destination.
     """
     final = {k: Path(v) for k, v in paths.items() if v}
-    tmp = {k: _temp_name(p) for k, p in final.items()}
-    try:
-        yield {k: (str(tmp[k]) if k in tmp else None) for k in paths}
-    except BaseException:
-        for t in tmp.values():
-            _remove_with_sidecars(t)
-        raise
-    try:
-        for k, p in final.items():
-            if p.exists():
-                _remove_with_sidecars(p)
-            os.replace(tmp[k], p)
-            side = Path(str(tmp[k]) + ".aux.xml")
-            if side.exists():
-                os.replace(side, Path(str(p) + ".aux.xml"))
-    except OSError as exc:
-        for t in tmp.values():
-            _remove_with_sidecars(t)
-        raise OutputError(f"Cannot move the results into place: {exc}", "Check the destination folder") from exc
+    with hold_destinations(list(final.values())):
+        tmp = {k: _temp_name(p) for k, p in final.items()}
+        try:
+            yield {k: (str(tmp[k]) if k in tmp else None) for k in paths}
+        except BaseException as exc:
+            for t in tmp.values():
+                _remove_with_sidecars(t)
+            named = _name_destination(exc, tmp, final)
+            if named is exc:
+                raise
+            raise named from exc
+        _commit(tmp, final)
 
 
 def best_cells(rank: np.ndarray, k: int) -> np.ndarray:
@@ -147,7 +212,7 @@ class RasterStream:
             if colours:  # a class raster: a colour table (and category names) any GIS shows as is
                 self._ds.write_colormap(1, colours)
         except Exception as exc:
-            raise OutputError(f"Cannot write the raster '{path}': {exc}", "Check the destination") from exc
+            raise OutputError(f"Cannot write the raster '{path}': {_why(exc)}", _CHECK) from exc
         self._categories = categories
         self._block_h = int(self._ds.block_shapes[0][0])
         self._strip = np.full((self._block_h, grid.n_cols), nodata, dtype=dtype)
@@ -180,7 +245,7 @@ class RasterStream:
             try:
                 self._ds.write(self._strip[:height], 1, window=Window(0, self._row0, self._grid.n_cols, height))
             except Exception as exc:
-                raise OutputError(f"Cannot write the raster '{self.path}': {exc}",
+                raise OutputError(f"Cannot write the raster '{self.path}': {_why(exc)}",
                                   "Check the destination (free disk space, permissions)") from exc
         self._strip.fill(self._nodata)
         self._row0 += self._block_h
@@ -199,7 +264,7 @@ class RasterStream:
                 band.SetCategoryNames(self._categories)
                 band = ds = None
         except Exception as exc:
-            raise OutputError(f"Cannot write the raster '{self.path}': {exc}", "Check the destination") from exc
+            raise OutputError(f"Cannot write the raster '{self.path}': {_why(exc)}", _CHECK) from exc
 
     def abort(self) -> None:
         """Close without completing (the caller removes the file)."""
@@ -264,6 +329,7 @@ class CellLayerWriter:
             id/row/col/lon/lat/coverage come from the grid, the others from the columns given.
         layer_name: name of the polygon layer.
         late_columns: allow :meth:`finish` to set columns (e.g. rank, once every cell is scored).
+        metadata: items of the layer's metadata (e.g. the run id the raster also carries).
     """
 
     # GDAL makes the (empty) R-tree and its triggers with the layer; one that makes them later
@@ -271,9 +337,10 @@ class CellLayerWriter:
     LAYER_OPTIONS = ["FID=fid", "SPATIAL_INDEX=YES"]
 
     def __init__(self, path: str, grid, fields: list[tuple[str, str]] | None = None,
-                 layer_name: str = CELLS_LAYER, late_columns: bool = False) -> None:
+                 layer_name: str = CELLS_LAYER, late_columns: bool = False, metadata: dict | None = None) -> None:
         ogr, osr = _ogr()
         self.path = path
+        self._metadata = metadata or {}
         self._grid = grid
         self._fields = fields or CELL_FIELDS
         self._layer_name = layer_name
@@ -315,7 +382,7 @@ class CellLayerWriter:
                             + ", ?" * len(self._fields) + ")")
         except Exception as exc:
             self.abort()
-            raise OutputError(f"Cannot write the cell layer '{path}': {exc}", "Check the destination") from exc
+            raise OutputError(f"Cannot write the cell layer '{path}': {_why(exc)}", _CHECK) from exc
 
     def append(self, start: int, stop: int, columns: dict[str, np.ndarray]) -> None:
         """Write kept cells ``start..stop-1``; ``columns`` holds their values (aligned with them).
@@ -344,7 +411,7 @@ class CellLayerWriter:
                 self._count += hi - lo
             self._con.execute("COMMIT")
         except Exception as exc:
-            raise OutputError(f"Cannot write the cell layer '{self.path}': {exc}",
+            raise OutputError(f"Cannot write the cell layer '{self.path}': {_why(exc)}",
                               "Check the destination (free disk space, permissions)") from exc
 
     def finish(self, update_index: np.ndarray | None = None, update_columns: dict[str, np.ndarray] | None = None,
@@ -378,6 +445,8 @@ class CellLayerWriter:
             self._con.close()
             self._con = None
             ds = self._ogr.Open(self.path, update=1)
+            for key, value in self._metadata.items():
+                ds.GetLayerByName(self._layer_name).SetMetadataItem(key, str(value))
             if sites_index is not None:
                 self._write_sites(ds, np.asarray(sites_index), sites_columns or {})
             if self._rtree is None:
@@ -388,7 +457,7 @@ class CellLayerWriter:
         except OutputError:
             raise
         except Exception as exc:
-            raise OutputError(f"Cannot write the cell layer '{self.path}': {exc}", "Check the destination") from exc
+            raise OutputError(f"Cannot write the cell layer '{self.path}': {_why(exc)}", _CHECK) from exc
 
     def _update(self, index: np.ndarray, columns: dict[str, np.ndarray]) -> None:
         """Set columns of the cells ``index`` with one SQL UPDATE per cell, in one transaction.
@@ -459,7 +528,8 @@ def _sql_values(column) -> list:
 
 
 def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int = 10,
-                     layer_name: str = CELLS_LAYER, fields: list[tuple[str, str]] | None = None) -> None:
+                     layer_name: str = CELLS_LAYER, fields: list[tuple[str, str]] | None = None,
+                     metadata: dict | None = None) -> None:
     """Write the cells as polygons (layer ``cells``) and the ``top_k`` best as points (``analog_sites``).
 
     Args:
@@ -471,9 +541,10 @@ def write_cells_gpkg(path: str, grid, columns: dict[str, np.ndarray], top_k: int
         top_k: best cells (by the ``rank`` column) also written as points; 0 for none.
         layer_name: name of the polygon layer.
         fields: ``(name, kind)`` pairs, kind in int/int64/real/str (default :data:`CELL_FIELDS`).
+        metadata: items of the layer's metadata (e.g. the run id, see :func:`same_run`).
     """
     fields = [(name, kind) for name, kind in (fields or CELL_FIELDS) if name in GRID_COLUMNS or name in columns]
-    writer = CellLayerWriter(path, grid, fields, layer_name)
+    writer = CellLayerWriter(path, grid, fields, layer_name, metadata=metadata)
     try:
         n = len(grid)
         for start in range(0, n, _CHUNK):
@@ -511,11 +582,13 @@ class ResultStream:
             raster's ``value_column`` and the cell layer's fields.
         tags: metadata of the raster.
         fields: the cell layer's fields (default :data:`CELL_FIELDS`).
+        run_id: written into both files (a raster tag and the cell layer's metadata), so a
+            reader can tell that they come from one run (:func:`same_run`).
     """
 
     def __init__(self, raster_path: str | None, cells_path: str | None, grid, columns_of,
                  tags: dict | None = None, fields: list[tuple[str, str]] | None = None,
-                 value_column: str = "dissimilarity", queue_size: int = 8) -> None:
+                 value_column: str = "dissimilarity", queue_size: int = 8, run_id: str | None = None) -> None:
         self._columns_of = columns_of
         self._value_column = value_column
         self._raster = self._cells = None
@@ -523,8 +596,10 @@ class ResultStream:
         self._aborting = False
         self._done = False
         try:
-            self._raster = RasterStream(raster_path, grid, tags) if raster_path else None
-            self._cells = CellLayerWriter(cells_path, grid, fields, late_columns=True) if cells_path else None
+            run = {RUN_ID: run_id} if run_id else {}
+            self._raster = RasterStream(raster_path, grid, {**(tags or {}), **run}) if raster_path else None
+            self._cells = CellLayerWriter(cells_path, grid, fields, late_columns=True, metadata=run) \
+                if cells_path else None
         except BaseException:
             self._close_files()
             raise
@@ -601,6 +676,28 @@ class ResultStream:
             self.abort()
         if exc_type is None and not self._done:
             raise OutputError("The outputs were left unfinished", "Call finish() before leaving (this is a bug)")
+
+
+RUN_ID = "run_id"
+
+
+def new_run_id() -> str:
+    """An id for one run's outputs: the process and a random part."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def same_run(raster: str | os.PathLike, cells: str | os.PathLike, layer: str = CELLS_LAYER) -> bool:
+    """Whether a dissimilarity GeoTIFF and a cell GeoPackage were written by the same run (the
+    run id each carries): a reader that must never pair the outputs of two runs checks this."""
+    import rasterio
+
+    ogr, _ = _ogr()
+    with rasterio.open(raster) as ds:
+        a = ds.tags().get(RUN_ID)
+    ds = ogr.Open(str(cells))
+    lyr = ds.GetLayerByName(layer) if ds is not None else None
+    b = lyr.GetMetadataItem(RUN_ID) if lyr is not None else None
+    return bool(a) and a == b
 
 
 def _gpkg_polygons(bounds: np.ndarray, srs_id: int) -> list[bytes]:

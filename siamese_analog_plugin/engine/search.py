@@ -39,15 +39,18 @@ from .feedback import Feedback, check_cancelled
 from .grid import DEFAULT_MAX_CELLS, Area, CellGrid, build_grid
 from .imagery import GreyReader, RasterInfo, ReferenceImage, describe_raster, load_references
 from .outputs import (
+    RUN_ID,
     ResultStream,
     atomic_outputs,
     best_cells,
     check_destination,
+    new_run_id,
     write_cells_gpkg,
     write_dissimilarity_raster,
 )
 from .queries import AGGREGATES, ReferenceQuery, reference_columns
 from .runtime import load_runtime
+from .safety import check_outputs, partial_name, remove_stale_partials
 
 __all__ = [
     "AGGREGATES",
@@ -282,7 +285,12 @@ def plan_grid(params: SearchParams, references: list[ReferenceImage] | None = No
     """Describe the raster (unless ``info`` already does) and build the grid (no pixel is read)."""
     info = info or describe_raster(params.raster)
     cell = params.cell_size_m
-    if not cell:
+    if cell is not None and not cell > 0:  # 0 is a mistake, not "the default"
+        raise InputError(f"The cell size must be above 0 metres, not {cell:g}", "Give e.g. 500, or leave it out")
+    if params.stride_m is not None and not params.stride_m > 0:
+        raise InputError(f"The stride must be above 0 metres, not {params.stride_m:g}",
+                         "Give e.g. the cell size, or leave it out")
+    if cell is None:
         cell, why = default_cell_size_m(info, references or [])
         if feedback:
             feedback.log(f"Cell size: {cell:.1f} m ({why})")
@@ -584,7 +592,8 @@ def rank_scores(dissimilarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_search(params: SearchParams, out_raster: str | None = None, out_cells: str | None = None,
-               feedback: Feedback | None = None, encoder: AnalogEncoder | None = None) -> SearchResult:
+               feedback: Feedback | None = None, encoder: AnalogEncoder | None = None,
+               also_write: dict | None = None) -> SearchResult:
     """Run a search and (optionally) write its outputs.
 
     Args:
@@ -593,6 +602,9 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         out_cells: GeoPackage of cells to write (``None``: not written).
         feedback: progress, log and cancel.
         encoder: an already loaded encoder (else ``params.model`` is loaded).
+        also_write: more outputs of the run, ``{name: (path, write(result, temporary_path))}``
+            (e.g. the picture): written once every cell is scored, then moved into place with
+            the raster and the cell layer, as one set.
 
     Raises:
         InputError, ModelError, OutputError: bad input, named with its fix.
@@ -606,6 +618,11 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         raise InputError(f"The batch size must be at least 1, not {params.batch_size}", "Use e.g. 128")
     if not 0 <= params.max_nodata < 1:
         raise InputError(f"The largest nodata share must be in [0, 1), not {params.max_nodata}", "Use e.g. 0.5")
+    also_write = {k: v for k, v in (also_write or {}).items() if v and v[0]}
+    check_outputs({"raster": out_raster, "cell layer": out_cells, "embedding raster": params.keep_embeddings,
+                   **{k: p for k, (p, _) in also_write.items()}},
+                  {"raster": params.raster, "embeddings": params.embeddings, "reference": params.references,
+                   "model": params.model, "cache folder": params.cache_dir})
     for path, what in ((out_raster, "output raster"), (out_cells, "output cell layer"),
                        (params.keep_embeddings, "embedding raster")):
         if path:
@@ -669,7 +686,8 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         # Outputs are written while the cells are scored (under temporary names, moved into
         # place together at the end): each finished batch goes to a writer thread.
         tmp = outputs.enter_context(atomic_outputs({"raster": out_raster, "cells": out_cells,
-                                                    "embeddings": params.keep_embeddings}))
+                                                    "embeddings": params.keep_embeddings,
+                                                    **{k: p for k, (p, _) in also_write.items()}}))
         sink = None
         if out_raster or out_cells:
             sink = outputs.enter_context(ResultStream(
@@ -677,7 +695,7 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
                 lambda index: cell_columns(dissimilarity, valid_fraction, nearest, names, index,
                                            per_reference=per_reference),
                 tags=_output_tags(encoder.path, str(encoder.device), references, grid, params.aggregate),
-                fields=cell_fields(names)))
+                fields=cell_fields(names), run_id=new_run_id()))
         writers = []
         if source is not None and tmp["embeddings"]:
             shutil.copyfile(source.path, tmp["embeddings"])  # the embeddings asked for are those
@@ -724,6 +742,9 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
             sites = best_cells(rank, params.top_k) if params.top_k > 0 else None
             sink.finish(scored, {"rank": rank[scored], "percentile": pct[scored]}, sites,
                         None if sites is None else result.columns(sites))
+        for k, (_, write) in also_write.items():
+            check_cancelled(feedback)
+            write(result, tmp[k])
     return result
 
 
@@ -749,7 +770,8 @@ def _cache_entry(stack: contextlib.ExitStack, cache: EmbeddingCache, facts) -> s
     """A temporary name for a new cache entry, moved into place when ``stack`` unwinds without
     an error (removed otherwise)."""
     final = cache.path_for(facts)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{threading.get_ident():x}")
+    remove_stale_partials(final)  # left by runs killed while writing this entry
+    tmp = partial_name(final)
 
     def done(exc_type, exc, tb):
         if exc_type is None and tmp.exists():
@@ -974,11 +996,12 @@ def write_outputs(result: SearchResult, out_raster: str | None, out_cells: str |
     :func:`run_search` writes the same files while it runs; this writes them again from a
     result (e.g. to other destinations).
     """
+    run = {RUN_ID: new_run_id()}
     tags = _output_tags(result.model_path, result.device, result.references, result.grid,
                         params.aggregate if params else "nearest")
     with atomic_outputs({"raster": out_raster, "cells": out_cells}) as tmp:
         if tmp["raster"]:
-            write_dissimilarity_raster(tmp["raster"], result.grid, result.dissimilarity, tags)
+            write_dissimilarity_raster(tmp["raster"], result.grid, result.dissimilarity, {**tags, **run})
         if tmp["cells"]:
             write_cells_gpkg(tmp["cells"], result.grid, result.columns(), top_k=params.top_k if params else 10,
-                             fields=cell_fields(reference_names(result.references)))
+                             fields=cell_fields(reference_names(result.references)), metadata=run)

@@ -60,6 +60,10 @@ def read_area(path: str | os.PathLike, layer: str | None = None, where: str | No
     srs = lyr.GetSpatialRef()
     if srs is None:
         raise InputError(f"The area layer in '{path}' has no CRS", "Assign it a CRS (e.g. in QGIS: Layer CRS)")
+    if (srs.GetName() or "").lower().startswith("undefined"):
+        # A GeoPackage layer with srs_id 0 or -1: GDAL makes up a stand-in CRS for it.
+        raise InputError(f"The area layer in '{path}' has an undefined CRS ({srs.GetName()})",
+                         "Assign it its real CRS (e.g. in QGIS: Layer CRS, then save it)")
     polys = []
     for feat in lyr:
         g = feat.GetGeometryRef()

@@ -184,6 +184,15 @@ class ProcessingFeedbackAdapter(Feedback):
         return self.feedback is not None and self.feedback.isCanceled()
 
 
+def vector_file(algorithm, parameters, name: str, context) -> str | None:
+    """The file behind a vector layer parameter (an OGR layer), for the check that no output is
+    an input; ``None`` for memory layers and the like. Main thread (``prepareAlgorithm``)."""
+    layer = algorithm.parameterAsVectorLayer(parameters, name, context)
+    if layer is None or layer.providerType() != "ogr":
+        return None
+    return layer.source().split("|")[0]
+
+
 @contextlib.contextmanager
 def engine_errors(what: str = "The algorithm"):
     """Turn engine errors into ``QgsProcessingException`` with the engine's own message.

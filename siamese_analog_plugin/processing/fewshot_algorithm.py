@@ -38,6 +38,7 @@ from .base import (
     device_parameter,
     device_value,
     engine_errors,
+    vector_file,
 )
 from .layers import RenderedRasterSource, area_from_source, gdal_path
 
@@ -221,6 +222,9 @@ Cancelling leaves no partial files.</p>"""
             raise QgsProcessingException(f"'{layer.name()}' is a tile/web layer, but an embedding raster belongs to "
                                          "an imagery file. Choose the raster file it was made from as the imagery, "
                                          "or leave the embedding raster empty.")
+        self._inputs = {"imagery": self._raster_path, "examples": vector_file(self, parameters, self.EXAMPLES, context),
+                        "area": vector_file(self, parameters, self.AREA, context),
+                        "embedding raster": self._embeddings}
         return True
 
     # -- worker thread -------------------------------------------------------------------
@@ -234,6 +238,10 @@ Cancelling leaves no partial files.</p>"""
         with engine_errors("The landform mapping"):
             from ..engine.landforms import FewShotParams, run_fewshot_map
             from ..engine.runtime import load_runtime
+            from ..engine.safety import check_outputs
+
+            # Before anything is read: an output that is an input (or another output) is refused.
+            check_outputs({"class raster": out_raster, "cells": out_cells}, self._inputs)
 
             support = self._support(parameters, context, feedback)
             area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)

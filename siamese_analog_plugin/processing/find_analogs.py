@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from .base import (
     device_parameter,
     device_value,
     engine_errors,
+    vector_file,
 )
 from .layers import RenderedRasterSource, area_from_source, gdal_path, reference_paths
 
@@ -246,10 +246,21 @@ leaves no partial files.</p>"""
         if values and all(isinstance(v, str) and os.path.isfile(v) for v in values):
             # QGIS's own check resolves each string as a map layer, trying OGR first ("[OGR] Cannot
             # open <reference>.tif" in the log on every run): hand it the files as raster layers.
+            # Those layers compute statistics for their renderer, which GDAL would save beside the
+            # user's file (<reference>.aux.xml): inputs are never touched, so no PAM file while they live.
+            from osgeo import gdal
             from qgis.core import QgsRasterLayer
 
-            parameters = dict(parameters)
-            parameters[self.REFERENCE] = [QgsRasterLayer(v, os.path.basename(v), "gdal") for v in values]
+            before = gdal.GetThreadLocalConfigOption("GDAL_PAM_ENABLED", None)
+            gdal.SetThreadLocalConfigOption("GDAL_PAM_ENABLED", "NO")
+            try:
+                checked = dict(parameters)
+                checked[self.REFERENCE] = [QgsRasterLayer(v, os.path.basename(v), "gdal") for v in values]
+                answer = super().checkParameterValues(checked, context)
+                del checked  # the layers close their files here, while PAM is off
+                return answer
+            finally:
+                gdal.SetThreadLocalConfigOption("GDAL_PAM_ENABLED", before)
         return super().checkParameterValues(parameters, context)
 
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:
@@ -272,6 +283,7 @@ leaves no partial files.</p>"""
             raise QgsProcessingException(f"'{layer.name()}' is a tile/web layer, but an embedding raster belongs to "
                                          "an imagery file. Choose the raster file it was made from as the imagery, "
                                          "or leave the embedding raster empty.")
+        self._area_file = vector_file(self, parameters, self.AREA, context)
         return True
 
     def _reference_layers(self, parameters, context) -> list:
@@ -307,12 +319,17 @@ leaves no partial files.</p>"""
                                          "Give a file name ending in .tif.")
         adapter = ProcessingFeedbackAdapter(feedback, 0.0, 95.0 if out_report else 100.0)
         work_dir = None
-        written: list[str] = []
         with engine_errors("The search"):
             from ..engine.outputs import check_destination
             from ..engine.runtime import load_runtime
+            from ..engine.safety import check_outputs
             from ..engine.search import SearchParams, run_search
 
+            # Before anything is read: an output that is an input (or another output) is refused.
+            check_outputs({"dissimilarity raster": out_raster, "analog cells": out_cells, "report": out_report,
+                           "kept embeddings": keep},
+                          {"Earth imagery": self._raster_path, "reference": self._references,
+                           "area": self._area_file, "embedding raster": self._embeddings})
             if out_report:
                 check_destination(out_report, "report")
             area = area_from_source(self.parameterAsSource(parameters, self.AREA, context), feedback)
@@ -342,21 +359,22 @@ leaves no partial files.</p>"""
                     force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
                     top_k=self.parameterAsInt(parameters, self.TOP_K, context),
                     embeddings=self._embeddings, keep_embeddings=keep, runtime=runtime)
-                result = run_search(params, out_raster, out_cells, adapter, encoder=encoder)
-                written = [out_raster, out_cells] + ([keep] if keep else [])
+                also = None
                 if out_report:
-                    from .report import write_report
+                    from .report import report_html
 
-                    feedback.setProgressText("Writing the report")
-                    write_report(out_report, result, raster, top=params.top_k, raster_label=self._raster_name,
-                                 warnings=[line[len("Warning: "):] for line in adapter.logs
-                                           if line.startswith("Warning: ")])
-                    feedback.setProgress(100)
-                    feedback.pushInfo(f"Report: {out_report}")
-            except BaseException:
-                for path in written:  # both outputs or neither: a failed report takes them back
-                    _remove(path)
-                raise
+                    def _write_report(result, tmp: str) -> None:
+                        feedback.setProgressText("Writing the report")
+                        text = report_html(result, raster, top=params.top_k, raster_label=self._raster_name,
+                                           warnings=[line[len("Warning: "):] for line in adapter.logs
+                                                     if line.startswith("Warning: ")])
+                        with open(tmp, "w", encoding="utf-8") as fh:
+                            fh.write(text)
+                        feedback.setProgress(100)
+
+                    # The report is moved into place with the raster and the cells, as one set.
+                    also = {"report": (out_report, _write_report)}
+                result = run_search(params, out_raster, out_cells, adapter, encoder=encoder, also_write=also)
             finally:
                 if work_dir:
                     shutil.rmtree(work_dir, ignore_errors=True)
@@ -420,8 +438,3 @@ leaves no partial files.</p>"""
                 SITES_LAYER_NAME, details.project, self.OUTPUT_SITES, QgsProcessingUtils.LayerHint.Vector))
             context.layerToLoadOnCompletionDetails(sites).setPostProcessor(ResultStyler.create("sites", run))
 
-
-def _remove(path: str) -> None:
-    for extra in ("", ".aux.xml", "-journal", "-wal", "-shm"):
-        with contextlib.suppress(OSError):
-            os.remove(path + extra)

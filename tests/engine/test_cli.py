@@ -94,7 +94,8 @@ def test_missing_required_option_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["search"])
     assert exit_info.value.code == 2
-    assert "--raster" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--out-raster" in err and len(err.strip().splitlines()) == 1  # one line, not the usage
 
 
 def test_evaluate_with_fewshot_prints_retrieval_and_k_shot_tables(tiny_model, tmp_path, capsys):
