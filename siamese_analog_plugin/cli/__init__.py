@@ -28,6 +28,7 @@ COMMANDS = (
     ("queries", "register_compare"),
     ("landforms", "register"),
     ("learning", "register_train"),
+    ("learning", "register_pretrain"),
     ("learning", "register_evaluate"),
     ("learning", "register_transfer"),
     ("learning", "register_export"),

@@ -1,9 +1,10 @@
-"""Command line: ``train``, ``evaluate``, ``transfer`` (the learning side; needs torch)."""
+"""Command line: ``train``, ``pretrain``, ``evaluate``, ``transfer`` (the learning side; needs torch)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from ..engine.classes import DEFAULT_SCALE
@@ -12,6 +13,8 @@ from ..engine.errors import InputError
 from ..engine.feedback import ConsoleFeedback
 from ..learning.datasets import default_cache_dir, default_data_root, discover_dataset, split_by_scene
 from ..learning.evaluation import evaluate_model, format_table
+from ..learning.leakfree import evaluate_leakfree, format_leakfree_table
+from ..learning.pretrain import PretrainConfig, pretrain
 from ..learning.splits import HeldOutSplit
 from ..learning.training import DEFAULT_OUT, TrainConfig, train
 from ..learning.transfer import transfer_step1, transfer_step2
@@ -27,7 +30,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         embedding_dim=args.embedding_dim, test_fraction=args.test_fraction, schedule=args.schedule,
         cache_dir=None if args.no_cache else args.cache_dir, threads=args.threads,
         class_loss=args.class_loss, class_scale=args.class_scale, class_targets=args.class_targets,
-        arch_params={"pooling": args.pooling} if args.pooling else {})
+        arch_params={"pooling": args.pooling} if args.pooling else {},
+        split=args.split, init=args.init or None)
     train(config, ConsoleFeedback(quiet=args.quiet))
     return 0
 
@@ -70,11 +74,16 @@ def register_train(subparsers) -> None:
     p.add_argument("--class-scale", type=positive_float, default=d.class_scale, help="logit scale of the class loss")
     p.add_argument("--class-targets", choices=("all", "non_analog"), default=d.class_targets,
                    help="groups scored by the class loss: all, or only those without a cross-group analog")
+    p.add_argument("--split", choices=("legacy", "leakfree"), default=d.split,
+                   help="leakfree: train/val/test with no ground on two sides (learning/leakfree.py); legacy: 9:1")
+    p.add_argument("--init", default="", help="model file whose weights start the run (a pretrain output)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if not args.legacy and not args.fewshot:
+        return _cmd_evaluate_leakfree(args)  # the default protocol: no ground on two sides
     fb = ConsoleFeedback(quiet=args.quiet)
     results = evaluate_model(args.model or None, args.data, args.seed, args.test_fraction,
                              baselines=not args.no_baselines, device=args.device,
@@ -87,6 +96,45 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         results["fewshot"] = _fewshot_section(args, info["seed"], info["test_fraction"], fb)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True))
+    return 0
+
+
+def _leakfree_evaluate_args(p: argparse.ArgumentParser) -> None:
+    """Options of the leak-free protocol on the ``evaluate`` command."""
+    p.add_argument("--part", choices=("val", "test"), default="test",
+                   help="leak-free split side: val (for choices) or test (model-card numbers; default)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="LABEL=FILE",
+                   help="more model files scored in the same run")
+    p.add_argument("--fewshot-method", choices=("prototype", "knn"), default="prototype",
+                   help="5-shot classifier (default %(default)s, as the fewshot command)")
+    p.add_argument("--legacy", action="store_true",
+                   help="the old protocol instead: the model's own 9:1 held-out split (leaks dune ground)")
+
+
+def _cmd_evaluate_leakfree(args: argparse.Namespace) -> int:
+    from ..engine.feedback import ConsoleFeedback
+
+    fb = ConsoleFeedback(quiet=args.quiet)
+    models: dict[str, str | None] = {"model": args.model or None}
+    for item in args.compare:
+        label, _, path = item.partition("=")
+        if not path:
+            raise InputError(f"'{item}' is not LABEL=FILE", "Write e.g. --compare new=models/new.pt")
+        models[label] = path
+    t = time.perf_counter()
+    report = evaluate_leakfree(models, args.data, args.part, args.seed if args.seed is not None else 0,
+                               untrained=not args.no_baselines, texture=not args.no_baselines, draws=args.draws,
+                               cache_dir=None if args.no_cache else args.cache_dir,
+                               device="cpu" if args.device == "auto" else args.device, feedback=fb,
+                               fewshot_method=args.fewshot_method)
+    info = report["info"]
+    print(f"\nLeak-free {info['part']} split (seed {info['seed']}): {info['images']} images, "
+          f"{info['hirise_observations']} HiRISE observations, dune sites {info['sites'] or 'none (val: AID Desert)'}"
+          f" ({time.perf_counter() - t:.0f} s)")
+    print(format_leakfree_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -143,6 +191,7 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--adapt-steps", type=non_negative_int, default=0,
                    help="with --fewshot: also score step-2 fine-tuning on each support draw for this many steps")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _leakfree_evaluate_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -236,3 +285,44 @@ def register_export(sub) -> None:
     p.add_argument("--model", required=True, help="the .pt model file")
     p.add_argument("--out", default="", help="the .onnx file to write (default: the model's name with .onnx)")
     p.set_defaults(func=_cmd_export_onnx)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from ..engine.feedback import ConsoleFeedback
+
+    config = PretrainConfig(data=args.data, out=args.out, steps=args.steps, batch=args.batch, lr=args.lr,
+                            temperature=args.temperature, strength=args.strength, min_scale=args.min_scale,
+                            seed=args.seed, threads=args.threads,
+                            cache_dir=None if args.no_cache else args.cache_dir, max_minutes=args.max_minutes,
+                            schedule_steps=args.schedule_steps,
+                            widths=tuple(args.widths))
+    pretrain(config, ConsoleFeedback(quiet=args.quiet))
+    return 0
+
+
+def register_pretrain(subparsers) -> None:
+    """Add the ``pretrain`` subcommand (self-supervised NT-Xent pre-training)."""
+    from ..learning import pretrain as pretrain_module
+
+    d = PretrainConfig()
+    p = subparsers.add_parser("pretrain", help="Self-supervised (NT-Xent) pre-training on unlabelled imagery",
+                              description=pretrain_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=d.data, help="data folder (default: %(default)s)")
+    p.add_argument("--out", default=d.out, help="model file to write (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="images a batch, two views each (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate, cosine decay")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
+    p.add_argument("--strength", type=float, default=d.strength, help="augment_batch strength")
+    p.add_argument("--min-scale", type=float, default=d.min_scale, help="smallest crop, share of the side")
+    p.add_argument("--widths", type=int, nargs=4, default=list(d.widths), help="trunk widths")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this many minutes")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the cosine learning-rate decay (default: --steps); with a smaller --steps "
+                        "it repeats a run that a --max-minutes budget stopped early")
+    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="decoded-patch cache")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)

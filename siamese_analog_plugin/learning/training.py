@@ -109,6 +109,11 @@ class TrainConfig:
     class_loss: float = 1.0
     class_scale: float = 16.0
     class_targets: str = "non_analog"
+    # "leakfree" (learning/leakfree.py: train / val / test, no ground on two sides; per-epoch numbers
+    # are on val) or "legacy" (the older 9:1 split by split_by_scene). init: a model file whose weights start
+    # the run (a pre-trained encoder of learning/pretrain.py).
+    split: str = "legacy"
+    init: str | None = None
 
 
 # -- loss ----------------------------------------------------------------------------------------
@@ -259,7 +264,16 @@ def train(config: TrainConfig, feedback=None) -> dict:
     params, dim = _arch_params(config)
 
     dataset = discover_dataset(config.data)
-    held_out = split_by_scene(dataset.records, config.seed, config.test_fraction)
+    if config.split == "leakfree":
+        from .leakfree import leakfree_roles
+
+        roles = leakfree_roles(dataset.records, config.seed)
+        full_dataset, full_roles = dataset, roles
+        dataset = type(dataset)(dataset.root, [r for r, ro in zip(dataset.records, roles) if ro != "test"],
+                                dataset.layout)
+        held_out = [ro == "val" for ro in roles if ro != "test"]
+    else:
+        held_out = split_by_scene(dataset.records, config.seed, config.test_fraction)
     train_records = [r for r, h in zip(dataset.records, held_out) if not h]
     table = PairTable(dataset.groups())
     fb.log(f"data: {len(dataset.records)} images in {len(table.groups)} classes ({dataset.layout} layout), "
@@ -272,6 +286,12 @@ def train(config: TrainConfig, feedback=None) -> dict:
 
     torch.manual_seed(config.seed)
     network = build_network(config.arch, config.input_size, embedding_dim=dim, **params).to(device)
+    if config.init:
+        from ..engine.encoder import load_model
+
+        start = load_model(config.init, "cpu")
+        network.load_state_dict(start.network.state_dict())
+        fb.log(f"starting from the weights of {config.init}")
     n_params = sum(p.numel() for p in network.parameters())
     train_params = list(network.parameters())
     proxies = None
@@ -358,6 +378,10 @@ def train(config: TrainConfig, feedback=None) -> dict:
         _save_state(state_file, network, optimizer, epoch + 1, history, config, proxies)
 
     split = split_record(dataset, held_out, config.seed, config.test_fraction)
+    if config.split == "leakfree":
+        from .leakfree import leakfree_split_record
+
+        split = leakfree_split_record(full_dataset, full_roles, config.seed)
     trained_on = sorted({r.source for r in train_records})
     meta = ModelMetadata(
         architecture=config.arch, input_size=config.input_size, embedding_dim=dim, arch_params=params,
@@ -376,7 +400,10 @@ def train(config: TrainConfig, feedback=None) -> dict:
             "augment": f"x{config.augment}: rotation (any angle, flips), crop 75-100 % (scale), blur, gamma, noise; "
                        "greyscale luminance",
             "seed": config.seed, "test_fraction": config.test_fraction,
-            "split": "whole scenes held out: HiRISE observation ids, AID images, dune-field *_test scenes",
+            "split": ("leak-free train/val/test: HiRISE by observation, AID per image, dune fields by site, "
+                      "aeolian patches test only" if config.split == "leakfree" else
+                      "whole scenes held out: HiRISE observation ids, AID images, dune-field *_test scenes"),
+            "protocol": config.split, **({"init": Path(config.init).name} if config.init else {}),
             "held_out_sha256": split["held_out_sha256"],
             "threshold": round(float(metrics.get("threshold", config.margin / 2)), 4),
             "held_out_metrics": {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_chance")},
