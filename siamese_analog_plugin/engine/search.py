@@ -798,7 +798,7 @@ def query_embedding_raster(source: EmbeddingRaster, score, min_valid: float, con
     for idx, valid, emb in source.iter_chunks():
         check_cancelled(feedback)
         ok = np.isfinite(emb[:, 0]) & (valid >= min_valid - tol)
-        e = emb if ok.all() else emb[ok]
+        e = emb if ok.all() else emb.T[:, ok].T  # stays band-first (see queries.distances_to)
         scored = score(e) if (score is not None and len(e)) else None
         if score is not None and scored is None:
             scored = {}
