@@ -31,6 +31,16 @@ class AnalogFinderError(Exception):
             message += " " + _sentence(self.fix.rstrip("."))
         super().__init__(message)
 
+    def __reduce__(self):
+        # Pickled as problem and fix (a Dask task's error reaches the client as the same error).
+        return _restore, (type(self), self.problem, self.fix)
+
+
+def _restore(cls, problem: str, fix: str) -> AnalogFinderError:
+    error = cls.__new__(cls)
+    AnalogFinderError.__init__(error, problem, fix)
+    return error
+
 
 def _sentence(text: str) -> str:
     """``text`` ended with a full stop, unless it already ends a sentence ("metres?")."""

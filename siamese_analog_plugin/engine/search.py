@@ -116,6 +116,9 @@ class SearchParams:
             cells of exactly the patch size as slices of one read (the same values), larger
             cells averaged down from one full-resolution read (GDAL's ``average``, to its
             rounding); ``False`` has GDAL read and resample every cell on its own.
+        scheduler: embed the cells on a Dask cluster instead of this process's threads
+            (:mod:`.distributed`): ``local[:N]``, ``tcp://HOST:PORT`` or a scheduler file;
+            ``None``/empty: the single-process pipeline.
     """
 
     raster: str
@@ -143,6 +146,7 @@ class SearchParams:
     torch_threads: int | None = None
     block_reads: bool = True
     runtime: str = "auto"
+    scheduler: str | None = None
 
 
 @dataclass
@@ -392,7 +396,25 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
 
     ``out``: a float32 C-contiguous buffer of at least ``n`` patches to read into (its first
     ``n`` are returned) instead of a new array.
+
+    Raises:
+        InputError: GDAL could not read the pixels (a damaged block, a lost connection): the
+            same line in this process and on a Dask worker.
     """
+    try:
+        return _read_cells(reader, grid, idx, size, plan, out)
+    except Exception as exc:
+        from rasterio.errors import RasterioError
+
+        if not isinstance(exc, RasterioError):
+            raise
+        raise InputError(f"Cannot read the pixels of the raster '{reader.path}': {exc}",
+                         "Check that the file is whole and still reachable (a damaged block, a lost connection)"
+                         ) from exc
+
+
+def _read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
+                plan: ReadPlan, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     patches = out[:idx.size] if out is not None else np.empty((idx.size, size, size), dtype=np.float32)
     valid = np.empty(idx.size, dtype=np.float32)
     if plan.rows:
@@ -720,6 +742,11 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         if source is not None:
             feedback.log(f"Embeddings of these {n:,} cells come from {source.path}; only distances are computed")
             encode_s = query_embedding_raster(source, query.score, min_valid, consume, feedback)
+        elif params.scheduler:  # the cells are embedded on a Dask cluster (Dask imported only then)
+            from .distributed import encode_on_cluster
+
+            encode_s = encode_on_cluster(params, encoder, info, grid, query.score, min_valid, consume, extra,
+                                         feedback, t0)
         else:
             encode_s = _encode_stream(params, encoder, info, grid, query.score, min_valid, amp_dtype, consume,
                                       extra, feedback, t0)
