@@ -322,7 +322,22 @@ def encode_patches(encoder, patches: np.ndarray) -> np.ndarray:
 
 
 def _embed_tile(job: _Job, model_bytes: bytes, number: int, idx: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-    """A task: read and encode the cells of one tile. Returns ``(number, idx, valid, ok, emb, seconds)``."""
+    """A task: read and encode the cells of one tile. Returns ``(number, idx, valid, ok, emb, seconds)``.
+
+    The engine's errors leave the task without their cause (GDAL's exception types do not
+    survive pickling: Dask would send the client a plain ``Exception``)."""
+    from .errors import _restore
+
+    error = None
+    try:
+        return _embed_tile_cells(job, model_bytes, number, idx, rows, cols)
+    except AnalogFinderError as exc:
+        error = _restore(type(exc), exc.problem, exc.fix)
+    raise error
+
+
+def _embed_tile_cells(job: _Job, model_bytes: bytes, number: int, idx: np.ndarray, rows: np.ndarray,
+                      cols: np.ndarray):
     from .imagery import GreyReader
     from .search import read_cells
 

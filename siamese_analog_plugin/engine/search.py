@@ -404,9 +404,9 @@ def read_cells(reader: GreyReader, grid: CellGrid, idx: np.ndarray, size: int,
     try:
         return _read_cells(reader, grid, idx, size, plan, out)
     except Exception as exc:
-        from rasterio.errors import RasterioError
+        from rasterio.errors import RasterioError, RasterioIOError
 
-        if not isinstance(exc, RasterioError):
+        if not isinstance(exc, (RasterioError, RasterioIOError)):
             raise
         raise InputError(f"Cannot read the pixels of the raster '{reader.path}': {exc}",
                          "Check that the file is whole and still reachable (a damaged block, a lost connection)"

@@ -6,11 +6,11 @@ One cluster serves the module (starting one costs seconds); the searches reach i
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import sqlite3
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -236,9 +236,12 @@ def test_read_failure_is_the_local_error(scene, tiny_model, cluster, tmp_path):
     assert errors[0] == errors[1] and "\n" not in errors[0]
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with HTTP range requests (what GDAL's /vsicurl/ asks for)."""
+_RANGE_SERVER = r"""
+import http.server, io, sys
+from pathlib import Path
 
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
@@ -261,23 +264,31 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        import io
-
         return io.BytesIO(body if self.command == "GET" else b"")
 
 
-def test_raster_over_http(scene, tiny_model, cluster, local_result, tmp_path):
-    folder = str(Path(scene[0]).parent)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _RangeHandler(*a, directory=folder))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: RangeHandler(*a, directory=sys.argv[1]))
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture()
+def http_server(scene):
+    """A file server with HTTP range requests (what GDAL's /vsicurl/ asks for) on 127.0.0.1, in
+    its own process (GDAL may hold this one's GIL while it waits for the answer)."""
+    proc = subprocess.Popen([sys.executable, "-c", _RANGE_SERVER, str(Path(scene[0]).parent)],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        url = f"/vsicurl/http://127.0.0.1:{server.server_address[1]}/r.tif"
-        params = _params(scene, tiny_model, scheduler=_address(cluster))
-        params.raster = url
-        got = run_search(params, str(tmp_path / "d.tif"), str(tmp_path / "c.gpkg"))
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}"
     finally:
-        server.shutdown()
-        server.server_close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_raster_over_http(scene, tiny_model, cluster, local_result, http_server, tmp_path):
+    params = _params(scene, tiny_model, scheduler=_address(cluster))
+    params.raster = f"/vsicurl/{http_server}/r.tif"
+    got = run_search(params, str(tmp_path / "d.tif"), str(tmp_path / "c.gpkg"))
     np.testing.assert_allclose(got.dissimilarity, local_result[0].dissimilarity, atol=1e-6)
     _same_outputs(_read_outputs(tmp_path / "d.tif", tmp_path / "c.gpkg"), local_result[1])
