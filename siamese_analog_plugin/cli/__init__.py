@@ -83,6 +83,9 @@ def _search_parser(sub) -> None:
                                    "model only computes distances")
     p.add_argument("--amp", action="store_true",
                    help="on CUDA, encode in mixed precision (dissimilarity within ~0.03)")
+    p.add_argument("--scheduler", help="embed the cells on Dask: local[:N] (N worker processes here), "
+                                       "tcp://HOST:PORT (a running scheduler) or a scheduler file (.json/.yaml); "
+                                       "default: this process (see docs/distributed.md)")
     p.add_argument("--json", action="store_true", help="print the best sites as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_search)
@@ -122,7 +125,7 @@ def _search(args) -> int:
         reference_resolution_m=args.reference_resolution, model=args.model, device=args.device,
         batch_size=args.batch_size, aggregate=args.aggregate, max_cells=args.max_cells, force=args.force,
         top_k=args.top, cache_dir=args.cache, amp=args.amp, embeddings=args.embeddings,
-        keep_embeddings=args.keep_embeddings, runtime=args.runtime)
+        keep_embeddings=args.keep_embeddings, runtime=args.runtime, scheduler=args.scheduler)
     if not args.raster and not args.embeddings:
         from ..engine.errors import InputError
 

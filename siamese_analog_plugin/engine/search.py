@@ -640,6 +640,10 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         raise InputError(f"The batch size must be at least 1, not {params.batch_size}", "Use e.g. 128")
     if not 0 <= params.max_nodata < 1:
         raise InputError(f"The largest nodata share must be in [0, 1), not {params.max_nodata}", "Use e.g. 0.5")
+    if params.scheduler:
+        from .distributed import parse_scheduler
+
+        parse_scheduler(params.scheduler)  # a bad one is named before anything loads
     also_write = {k: v for k, v in (also_write or {}).items() if v and v[0]}
     check_outputs({"raster": out_raster, "cell layer": out_cells, "embedding raster": params.keep_embeddings,
                    **{k: p for k, (p, _) in also_write.items()}},

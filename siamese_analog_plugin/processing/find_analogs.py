@@ -112,6 +112,7 @@ class FindAnalogsAlgorithm(AnalogAlgorithm):
     ALLOW_LARGE = "ALLOW_LARGE"
     EMBEDDINGS = "EMBEDDINGS"
     KEEP_EMBEDDINGS = "KEEP_EMBEDDINGS"
+    SCHEDULER = "SCHEDULER"
     OUTPUT_RASTER = "OUTPUT_RASTER"
     OUTPUT_CELLS = "OUTPUT_CELLS"
     OUTPUT_REPORT = "OUTPUT_REPORT"
@@ -196,6 +197,9 @@ leaves no partial files.</p>"""
             QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
                                           defaultValue=False),
             self._runtime_parameter(self.RUNTIME),
+            QgsProcessingParameterString(
+                self.SCHEDULER, self.tr("Dask scheduler: local:N, tcp://HOST:PORT or a scheduler file "
+                                        "(empty = this computer, without Dask)"), defaultValue="", optional=True),
         ]
         for param in advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -358,7 +362,8 @@ leaves no partial files.</p>"""
                     aggregate=AGGREGATE_OPTIONS[self.parameterAsEnum(parameters, self.AGGREGATE, context)],
                     force=self.parameterAsBool(parameters, self.ALLOW_LARGE, context),
                     top_k=self.parameterAsInt(parameters, self.TOP_K, context),
-                    embeddings=self._embeddings, keep_embeddings=keep, runtime=runtime)
+                    embeddings=self._embeddings, keep_embeddings=keep, runtime=runtime,
+                    scheduler=(self.parameterAsString(parameters, self.SCHEDULER, context) or "").strip() or None)
                 also = None
                 if out_report:
                     from .report import report_html

@@ -176,6 +176,7 @@ class TestBadInput:
         ({"MODEL": "__GARBAGE__"}, "not a Siamese Analog Finder model"),
         ({"MODEL": "__RASTER__"}, "is not a model file (.onnx or .pt)"),
         ({"OUTPUT_CELLS": "__SHP__"}, ".gpkg"),
+        ({"SCHEDULER": "somewhere"}, "Unknown scheduler"),
     ])
     def test_engine_errors_become_processing_exceptions(self, run_alg, tiny_model_path, tmp_path, change, words):
         from qgis.core import QgsProcessingException
