@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--requery-cells", type=positive_int,
                    help="cells of the embedding-raster re-query (default 1,000,000; --quick: 10,000)")
     p.add_argument("--quick", action="store_true", help="small sizes and the tiny model: a smoke run of seconds")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead: the search on Dask LocalClusters against the single-process pipeline "
+                        "(default 50,176 cells; --quick: 400 cells, the tiny model)")
+    p.add_argument("--workers", default="1,2", help="with --distributed: worker counts to run (default 1,2)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -47,6 +51,15 @@ def _export(pt_path: str) -> None:
 
 def cmd_bench(args) -> int:
     quick = args.quick
+    if args.distributed:
+        from ..engine.benchmark_distributed import run_distributed_benchmark
+
+        figures = run_distributed_benchmark(args.cells or (400 if quick else 50_176),
+                                            tuple(int(v) for v in args.workers.split(",")),
+                                            args.model or ("tiny" if quick else "shipped"), args.batch_size,
+                                            workdir=args.workdir, log=lambda m: print(m, flush=True))
+        print(json.dumps(figures))
+        return 0
     cells = args.cells or (144 if quick else 16384)
     rss = tuple(int(v) for v in args.rss_cells.split(",")) if args.rss_cells else \
         ((100, 400, 1600) if quick else (1000, 10000, 100000))
