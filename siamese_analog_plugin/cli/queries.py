@@ -42,6 +42,8 @@ def register_embed_area(sub) -> None:
     _grid_args(p, "cell side in metres (default: 100 raster pixels)")
     _model_args(p)
     p.add_argument("--out", required=True, help="embedding raster to write (.tif)")
+    p.add_argument("--scheduler", help="embed the cells on Dask: local[:N], tcp://HOST:PORT or a scheduler file "
+                                       "(default: this process; see docs/distributed.md)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_embed_area)
 
@@ -56,7 +58,7 @@ def cmd_embed_area(args) -> int:
     params = EmbedParams(raster=args.raster, area=area, cell_size_m=args.cell_size, stride_m=args.stride,
                          min_coverage=args.min_coverage, max_nodata=args.max_nodata, band=args.band,
                          model=args.model, device=args.device, batch_size=args.batch_size, max_cells=args.max_cells,
-                         force=args.force, runtime=args.runtime)
+                         force=args.force, runtime=args.runtime, scheduler=args.scheduler)
     r = run_embed_area(params, args.out, ConsoleFeedback(quiet=args.quiet))
     print(f"Embedded {r.encoded:,} of {len(r.grid):,} cells of {r.grid.cell_size_m:g} m "
           f"(grid {r.grid.n_rows} x {r.grid.n_cols}) in {r.seconds:.1f} s on {r.device}; wrote {args.out}")

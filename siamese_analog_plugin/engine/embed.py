@@ -45,6 +45,7 @@ class EmbedParams:
     torch_threads: int | None = None
     block_reads: bool = True
     runtime: str = "auto"
+    scheduler: str | None = None  # embed on Dask (see :mod:`.distributed`); None: this process
 
 
 @dataclass
@@ -86,7 +87,12 @@ def run_embed_area(params: EmbedParams, out: str | None, feedback: Feedback | No
                       stride_m=params.stride_m, min_coverage=params.min_coverage, max_nodata=params.max_nodata,
                       band=params.band, model=params.model, device=params.device, batch_size=params.batch_size,
                       max_cells=params.max_cells, force=params.force, reader_threads=params.reader_threads,
-                      torch_threads=params.torch_threads, block_reads=params.block_reads, runtime=params.runtime)
+                      torch_threads=params.torch_threads, block_reads=params.block_reads, runtime=params.runtime,
+                      scheduler=params.scheduler)
+    if params.scheduler:
+        from .distributed import parse_scheduler
+
+        parse_scheduler(params.scheduler)  # a bad one is named before anything loads
     info = describe_raster(params.raster)
     encoder = encoder or load_runtime(params.model, params.runtime, params.device)
     info, grid = plan_grid(sp, None, feedback, info)
@@ -111,7 +117,12 @@ def run_embed_area(params: EmbedParams, out: str | None, feedback: Feedback | No
             if writer is not None:
                 writer.store(idx, valid, ok, emb)
 
-        _encode_stream(sp, encoder, info, grid, None, min_valid, None, consume, extra, feedback, t0)
+        if params.scheduler:  # Dask imported only then
+            from .distributed import encode_on_cluster
+
+            encode_on_cluster(sp, encoder, info, grid, None, min_valid, consume, extra, feedback, t0)
+        else:
+            _encode_stream(sp, encoder, info, grid, None, min_valid, None, consume, extra, feedback, t0)
         if encoded == 0:
             raise InputError("Every cell in the area is mostly nodata, so nothing could be encoded",
                              "Choose an area over valid imagery, or raise the largest nodata share")
