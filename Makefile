@@ -10,10 +10,10 @@ SAMPLE_REFERENCE = resources/mars/ganges_chasma_dunes_ctx_7m.tif
 SAMPLE_HIRISE    = $(wildcard resources/mars/hirise_*.jpg)
 SAMPLE_REGIONS   = resources/earth/bahamas_regions.geojson
 
-.PHONY: help demo test test-engine test-gui fewshot-eval lint train train-leakfree evaluate bench package clean
+.PHONY: help demo test test-engine test-gui fewshot-eval lint train train-leakfree evaluate bench bench-distributed package clean
 
 help:
-	@echo "make demo | test | test-engine | lint | train | train-leakfree | evaluate | bench | package | clean"
+	@echo "make demo | test | test-engine | lint | train | train-leakfree | evaluate | bench | bench-distributed | package | clean"
 
 ## The main job on the shipped sample data, embed once, query many: the Bahamas banks are embedded
 ## once (embeddings.tif), then searched for the Ganges Chasma dune field (dissimilarity.tif,
@@ -82,6 +82,11 @@ fewshot-eval:
 
 bench:
 	$(PY) -m siamese_analog_plugin bench
+
+## The search on Dask LocalClusters of 1 and 2 workers against the single-process pipeline
+## (docs/distributed.md): cells/s, ratio, per-task overhead, cost model. A few minutes on 2 cores.
+bench-distributed:
+	$(PY) -m siamese_analog_plugin bench --distributed
 
 package:
 	$(PY) scripts/package.py

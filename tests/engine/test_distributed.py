@@ -292,3 +292,21 @@ def test_raster_over_http(scene, tiny_model, cluster, local_result, http_server,
     got = run_search(params, str(tmp_path / "d.tif"), str(tmp_path / "c.gpkg"))
     np.testing.assert_allclose(got.dissimilarity, local_result[0].dissimilarity, atol=1e-6)
     _same_outputs(_read_outputs(tmp_path / "d.tif", tmp_path / "c.gpkg"), local_result[1])
+
+
+def test_embed_area_on_cluster_equals_single_process(scene, tiny_model, cluster, tmp_path):
+    """embed-area --scheduler writes the embedding raster the single-process run writes."""
+    from siamese_analog_plugin.engine.embed import EmbedParams, run_embed_area
+
+    arrays = []
+    for scheduler, name in ((None, "local.tif"), (_address(cluster), "dask.tif")):
+        params = EmbedParams(scene[0], cell_size_m=1000, model=tiny_model, device="cpu", batch_size=4,
+                             scheduler=scheduler)
+        result = run_embed_area(params, str(tmp_path / name))
+        with rasterio.open(tmp_path / name) as ds:
+            arrays.append((ds.read(), ds.tags()))
+        assert result.encoded > 0
+    (a, tags_a), (b, tags_b) = arrays
+    assert a.shape == b.shape and tags_a.keys() == tags_b.keys()
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, atol=1e-3, equal_nan=True)  # bitwise equal here; one half-precision step at most
