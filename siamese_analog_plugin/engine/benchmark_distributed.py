@@ -64,15 +64,18 @@ def run_distributed_benchmark(cells: int = 50_176, workers: tuple[int, ...] = (1
             out.mkdir(exist_ok=True)
             params = SearchParams(raster, ref, cell_size_m=size * PIXEL_M, model=model_path, device="cpu",
                                   batch_size=batch_size, force=True, scheduler=scheduler)
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), time.process_time()
             result = run_search(params, str(out / "d.tif"), str(out / "c.gpkg"))
+            # CPU seconds of the run: this process (with a LocalCluster's scheduler) and the tasks'.
+            result.extra["cpu_s"] = time.process_time() - cpu + result.extra.get("task_cpu_seconds", 0.0)
             return result, time.perf_counter() - t0
 
         local, local_s = search(None, "local")
         n = len(local.grid)
         base = n / local_s
+        base_cpu = 1e3 * local.extra["cpu_s"] / n
         log(f"Single process : {base:9,.1f} cells/s ({n:,} cells in {local_s:.1f} s; "
-            f"{local.extra.get('read_mode')} reads)")
+            f"{local.extra.get('read_mode')} reads; {base_cpu:.2f} ms CPU a cell)")
         runs = {}
         for w in workers:
             t = time.perf_counter()
@@ -86,21 +89,25 @@ def run_distributed_benchmark(cells: int = 50_176, workers: tuple[int, ...] = (1
                 result, secs = search(cluster.scheduler_address, f"dask{w}")
             same = bool(np.allclose(result.dissimilarity, local.dissimilarity, atol=1e-6, equal_nan=True))
             rate = n / secs
+            cpu_ms = 1e3 * result.extra["cpu_s"] / n
             runs[w] = {"cells_per_s": round(rate, 1), "seconds": round(secs, 2), "ratio_to_single_process":
                        round(rate / base, 3), "per_worker_cells_per_s": round(rate / w, 1),
                        "tiles": result.extra.get("tiles"),
                        "overhead_per_task_s": result.extra.get("overhead_per_task_s"),
                        "task_seconds": result.extra.get("encode_seconds"), "empty_task_ms": round(noop_ms, 2),
-                       "cluster_start_s": round(start_s, 1), "same_as_single_process": same}
+                       "cluster_start_s": round(start_s, 1), "same_as_single_process": same,
+                       "cpu_ms_per_cell": round(cpu_ms, 3), "cpu_ratio_to_single_process": round(base_cpu / cpu_ms, 3)}
             log(f"Dask, {w} worker(s): {rate:9,.1f} cells/s ({secs:.1f} s, {result.extra.get('tiles')} tiles; "
                 f"ratio to single process {rate / base:.2f}; {rate / w:,.0f} cells/s a worker; overhead "
                 f"{1e3 * (result.extra.get('overhead_per_task_s') or 0):.0f} ms a task, empty task {noop_ms:.1f} ms; "
-                f"cluster start {start_s:.1f} s; same dissimilarity: {same})")
+                f"cluster start {start_s:.1f} s; same dissimilarity: {same}; {cpu_ms:.2f} ms CPU a cell, "
+                f"CPU ratio {base_cpu / cpu_ms:.2f})")
         best = max(runs.values(), key=lambda r: r["per_worker_cells_per_s"])["per_worker_cells_per_s"]
         for label, total in (("Qaidam Basin (3.5 M cells)", 3.5e6), ("world drylands (3 billion cells)", 3e9)):
             log(f"Cost model, {label}: " + ", ".join(
                 f"{k} workers {total / (best * k) / 3600:,.1f} h" for k in (1, 10, 100, 1000)))
-        return {"cells": n, "single_process_cells_per_s": round(base, 1), "dask": {str(k): v for k, v in runs.items()},
+        return {"cells": n, "single_process_cells_per_s": round(base, 1), "single_process_cpu_ms_per_cell":
+                round(base_cpu, 3), "dask": {str(k): v for k, v in runs.items()},
                 "per_worker_cells_per_s": best, "tile_cells": dist.DEFAULT_TILE_CELLS, "batch_size": batch_size,
                 "model": model_desc, "cpu_count": os.cpu_count(), "machine": platform.node() or platform.machine(),
                 "date": time.strftime("%Y-%m-%d")}

@@ -322,7 +322,9 @@ def encode_patches(encoder, patches: np.ndarray) -> np.ndarray:
 
 
 def _embed_tile(job: _Job, model_bytes: bytes, number: int, idx: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-    """A task: read and encode the cells of one tile. Returns ``(number, idx, valid, ok, emb, seconds)``.
+    """A task: read and encode the cells of one tile. Returns ``(number, idx, valid, ok, emb, seconds,
+    cpu_seconds)`` (the task's wall and CPU time: this thread's, where GDAL reads and torch, with
+    one thread, encodes).
 
     The engine's errors leave the task without their cause (GDAL's exception types do not
     survive pickling: Dask would send the client a plain ``Exception``)."""
@@ -341,7 +343,7 @@ def _embed_tile_cells(job: _Job, model_bytes: bytes, number: int, idx: np.ndarra
     from .imagery import GreyReader
     from .search import read_cells
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.thread_time()
     encoder = _worker_encoder(job, model_bytes)
     empty = np.zeros(idx.size)
     grid = CellGrid("", job.origin_x, job.origin_y, job.cell_w, job.cell_h, job.step_x, job.step_y, job.n_rows,
@@ -358,7 +360,7 @@ def _embed_tile_cells(job: _Job, model_bytes: bytes, number: int, idx: np.ndarra
                 embs.append(encode_patches(encoder, patches if ok.all() else patches[ok]))
     ok = valid >= job.min_valid
     emb = np.concatenate(embs) if embs else np.zeros((0, encoder.embedding_dim), dtype=np.float32)
-    return number, idx, valid, ok, emb, time.perf_counter() - t
+    return number, idx, valid, ok, emb, time.perf_counter() - t, time.thread_time() - cpu
 
 
 # -- the client's side ---------------------------------------------------------------------
@@ -430,7 +432,7 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
     job = _Job(str(raster), band, int(size), stretch, plan, float(min_valid), int(batch_size), device, sha, suffix,
                grid.origin_x, grid.origin_y, grid.cell_w, grid.cell_h, grid.step_x, grid.step_y, grid.n_rows,
                grid.n_cols)
-    stats.update(read_mode=plan.mode, tiles=0, task_seconds=0.0)
+    stats.update(read_mode=plan.mode, tiles=0, task_seconds=0.0, task_cpu_seconds=0.0)
     if n == 0:
         return
     owned = isinstance(scheduler, str)
@@ -481,12 +483,13 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
                     pending.pop(fut, None)
                     if fut.status == "error":
                         raise _tile_failed(fut.exception())
-                    number, idx, valid, ok, emb, seconds = fut.result()
+                    number, idx, valid, ok, emb, seconds, cpu = fut.result()
                     fut.release()
                     unfinished.discard(number)
                     done += idx.size
                     stats["tiles"] += 1
                     stats["task_seconds"] += seconds
+                    stats["task_cpu_seconds"] += cpu
                     elapsed = time.perf_counter() - t_start
                     feedback.progress(done / n, f"{done:,}/{n:,} cells, {done / max(elapsed, 1e-9):,.0f} cells/s "
                                                 f"({stats['tiles']:,} tiles on {len(workers)} worker(s))")
@@ -528,6 +531,9 @@ def encode_on_cluster(params, encoder, info, grid: CellGrid, score, min_valid: f
     from .embeddings import quantise
 
     del info, t0  # the workers describe the raster themselves
+    if not encoder.path:
+        raise InputError("A run on a Dask cluster needs the model as a file (the workers load it)",
+                         "Save the model with save_model and give its path")
     stats: dict = {}
     order = CellOrder(len(grid))
     tiles = iter_embedded_tiles(params.raster, grid, encoder.path, params.scheduler, size=encoder.input_size,
@@ -546,4 +552,5 @@ def encode_on_cluster(params, encoder, info, grid: CellGrid, score, min_valid: f
     if "overhead_per_task_s" in stats:
         extra["overhead_per_task_s"] = round(stats["overhead_per_task_s"], 4)
     extra["encode_seconds"] = round(stats.get("task_seconds", 0.0), 3)
+    extra["task_cpu_seconds"] = round(stats.get("task_cpu_seconds", 0.0), 3)
     return stats.get("task_seconds", 0.0)
