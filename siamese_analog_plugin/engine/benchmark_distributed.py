@@ -5,12 +5,16 @@ in blocks), it times :func:`~.search.run_search` end to end, outputs written:
 
 * in this process (the threaded pipeline, every core);
 * on a ``LocalCluster`` of 1, then 2, ... worker processes of one thread each, started
-  beforehand (a real cluster is up before a run; its start-up is printed apart). The run's
-  time includes connecting, sending the model and the workers loading it;
+  beforehand, and their imports (torch, the engine) done (a real cluster is up before a run;
+  both are printed apart). The run's time includes connecting, sending the model and the
+  workers loading it;
 
 and prints cells/s, the ratio of each Dask run to the single-process one on the same cores,
 the per-task overhead (the workers' wall time not spent in a task's own reading and
-encoding, per task) and the round trip of an empty task. The last line is one JSON object.
+encoding, per task), the round trip of an empty task, and the CPU time a cell costs in each
+(this process's, with a LocalCluster's scheduler, plus the tasks'; on a shared machine the
+steadier figure: the CPU ratio is what the cells/s ratio would be on idle cores). The last
+line is one JSON object.
 A measurement, not a test: on a shared machine the figures move with the load.
 """
 
@@ -31,6 +35,15 @@ __all__ = ["run_distributed_benchmark"]
 
 def _noop(x):
     return x
+
+
+def _warm() -> float:
+    """Import what a task needs (torch, the engine) in a worker: what a worker that is up has done."""
+    t = time.perf_counter()
+    import torch  # noqa: F401
+
+    from . import distributed, encoder, imagery, search  # noqa: F401
+    return time.perf_counter() - t
 
 
 def run_distributed_benchmark(cells: int = 50_176, workers: tuple[int, ...] = (1, 2), model: str = "shipped",
@@ -86,6 +99,7 @@ def run_distributed_benchmark(cells: int = 50_176, workers: tuple[int, ...] = (1
                 t = time.perf_counter()
                 client.gather(client.map(_noop, range(200), pure=False))
                 noop_ms = 1e3 * (time.perf_counter() - t) / 200
+                warm_s = max(client.run(_warm).values())
                 result, secs = search(cluster.scheduler_address, f"dask{w}")
             same = bool(np.allclose(result.dissimilarity, local.dissimilarity, atol=1e-6, equal_nan=True))
             rate = n / secs
@@ -95,12 +109,14 @@ def run_distributed_benchmark(cells: int = 50_176, workers: tuple[int, ...] = (1
                        "tiles": result.extra.get("tiles"),
                        "overhead_per_task_s": result.extra.get("overhead_per_task_s"),
                        "task_seconds": result.extra.get("encode_seconds"), "empty_task_ms": round(noop_ms, 2),
-                       "cluster_start_s": round(start_s, 1), "same_as_single_process": same,
+                       "cluster_start_s": round(start_s, 1), "worker_import_s": round(warm_s, 1),
+                       "same_as_single_process": same,
                        "cpu_ms_per_cell": round(cpu_ms, 3), "cpu_ratio_to_single_process": round(base_cpu / cpu_ms, 3)}
             log(f"Dask, {w} worker(s): {rate:9,.1f} cells/s ({secs:.1f} s, {result.extra.get('tiles')} tiles; "
                 f"ratio to single process {rate / base:.2f}; {rate / w:,.0f} cells/s a worker; overhead "
                 f"{1e3 * (result.extra.get('overhead_per_task_s') or 0):.0f} ms a task, empty task {noop_ms:.1f} ms; "
-                f"cluster start {start_s:.1f} s; same dissimilarity: {same}; {cpu_ms:.2f} ms CPU a cell, "
+                f"cluster start {start_s:.1f} s + imports {warm_s:.1f} s; same dissimilarity: {same}; "
+                f"{cpu_ms:.2f} ms CPU a cell, "
                 f"CPU ratio {base_cpu / cpu_ms:.2f})")
         best = max(runs.values(), key=lambda r: r["per_worker_cells_per_s"])["per_worker_cells_per_s"]
         for label, total in (("Qaidam Basin (3.5 M cells)", 3.5e6), ("world drylands (3 billion cells)", 3e9)):
