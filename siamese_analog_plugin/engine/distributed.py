@@ -60,6 +60,7 @@ __all__ = [
 DEFAULT_TILE_CELLS = 2048  # cells a task reads and encodes (~1 s on one core): Dask's ~ms per task is noise
 MAX_TILE_COLS = 8192  # wider grids are cut into columns too (keeps a band of tiles' embeddings small)
 POLL_S = 0.05  # how often the client looks for a cancel while it waits for tiles
+RESIZE_S = 2.0  # how often the client asks how many workers the cluster has
 
 
 # -- scheduler -----------------------------------------------------------------------------
@@ -438,9 +439,7 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
     owned = isinstance(scheduler, str)
     with connect(scheduler, feedback) if owned else contextlib.nullcontext(scheduler) as client:
         distributed = _distributed()
-        workers = client.scheduler_info(n_workers=-1).get("workers", {}) if _takes_n_workers(client) else \
-            client.scheduler_info().get("workers", {})
-        slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        workers, slots = _worker_threads(client)
         stats.update(workers=len(workers), worker_threads=slots, scheduler=str(client.scheduler.address))
         feedback.log(f"Dask: {len(workers)} worker(s), {slots} thread(s) at {client.scheduler.address}; "
                      f"{plan.mode} reads")
@@ -450,8 +449,12 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
         model_f = client.scatter(model_bytes, broadcast=True, hash=False)
         job_f = client.scatter(job, broadcast=True, hash=False)
         tiles = plan_tiles(grid, tile_rows, tile_cols)
-        in_flight = max(2, 2 * slots)  # tasks queued at once: each worker has the next one ready
-        ahead = max(4 * in_flight, 16)  # how far past the oldest unfinished tile tasks go out
+        # Tasks queued at once (each worker thread has the next one ready), and how far past the
+        # oldest unfinished tile tasks go out (what the client may hold back to write in order):
+        # both follow the cluster's size, which an adaptive cluster changes while it runs.
+        in_flight = max(2, 2 * slots)
+        ahead = max(4 * in_flight, 16)
+        sized = time.monotonic()
         run = uuid.uuid4().hex[:8]
         pending: dict = {}  # future -> tile number
         unfinished: set[int] = set()
@@ -460,7 +463,11 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
         next_tile = next(tiles, None)
 
         def fill() -> None:
-            nonlocal next_tile
+            nonlocal next_tile, in_flight, ahead, sized
+            if time.monotonic() - sized > RESIZE_S:
+                sized = time.monotonic()
+                in_flight = max(2, 2 * _worker_threads(client)[1])
+                ahead = max(4 * in_flight, 16)
             oldest = min(unfinished) if unfinished else (next_tile.number if next_tile else 0)
             while next_tile is not None and len(pending) < in_flight and next_tile.number < oldest + ahead:
                 t = next_tile
@@ -478,6 +485,7 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
                 batch = ac.next_batch(block=False)
                 if not batch:
                     time.sleep(POLL_S)
+                    fill()  # workers may have joined
                     continue
                 for fut in batch:
                     pending.pop(fut, None)
@@ -510,13 +518,16 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
             stats["overhead_per_task_s"] = max(0.0, (wall * slots - stats["task_seconds"]) / stats["tiles"])
 
 
-def _takes_n_workers(client) -> bool:
+def _worker_threads(client) -> tuple[dict, int]:
+    """The cluster's workers now and their threads in all (at least 1)."""
     import inspect
 
     try:
-        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+        every = "n_workers" in inspect.signature(client.scheduler_info).parameters
     except (TypeError, ValueError):
-        return False
+        every = False
+    workers = (client.scheduler_info(n_workers=-1) if every else client.scheduler_info()).get("workers", {})
+    return workers, max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
 def encode_on_cluster(params, encoder, info, grid: CellGrid, score, min_valid: float, consume, extra: dict,
