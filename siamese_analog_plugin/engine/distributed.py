@@ -2,7 +2,7 @@
 
 The cell grid is cut into tiles (blocks of grid rows and columns). Each tile is one Dask task
 that opens the raster itself (GDAL windowed reads through :class:`~.imagery.GreyReader` and
-:func:`~.search.read_cells`: a local or shared path, or a GDAL virtual path such as
+:func:`~.reads.read_cells`: a local or shared path, or a GDAL virtual path such as
 ``/vsicurl/https://.../scene.tif`` for a COG over HTTP or ``/vsis3/bucket/scene.tif``), reads
 and encodes its cells and returns their valid fractions and embeddings. A task carries only the
 tile's cell indices, rows and columns (16 bytes a cell; pixels never travel); the run's settings
@@ -266,7 +266,8 @@ class _Job:
     band: int | None
     size: int
     stretch: tuple[float, float]
-    plan: object  # search.ReadPlan
+    plan: object  # reads.ReadPlan
+    runtime: str  # the client's: torch or onnx
     min_valid: float
     batch_size: int
     device: str
@@ -288,12 +289,18 @@ _ENCODERS_LOCK = threading.Lock()
 
 def _worker_encoder(job: _Job, model_bytes: bytes):
     """The encoder of ``job``'s model in this worker process, loaded once (keyed by sha256)."""
-    key = (job.model_sha, job.device)
+    key = (job.model_sha, job.runtime, job.device)
     with _ENCODERS_LOCK:
         encoder = _ENCODERS.get(key)
         if encoder is None:
-            from .encoder import load_model
+            from .runtime import load_runtime
 
+            try:  # one thread of torch / ONNX Runtime per Dask thread: the worker's cores are its own
+                from distributed import get_worker
+
+                threads = max(1, int(get_worker().state.nthreads))
+            except Exception:  # noqa: BLE001  (outside a worker, e.g. a test calling the task directly)
+                threads = 1
             folder = Path(tempfile.gettempdir()) / "siamese-analog-models"
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{job.model_sha}{job.model_suffix}"
@@ -301,25 +308,29 @@ def _worker_encoder(job: _Job, model_bytes: bytes):
                 tmp = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}"
                 tmp.write_bytes(model_bytes)
                 os.replace(tmp, path)
-            encoder = load_model(path, job.device)
-            _ = encoder.inference_network  # built once per process, not per task
-            try:  # one torch thread per Dask thread of this worker: the worker's cores are its own
+            encoder = load_runtime(path, job.runtime, job.device, threads=threads)
+            if encoder.runtime == "torch":
                 import torch
-                from distributed import get_worker
 
-                torch.set_num_threads(max(1, int(get_worker().state.nthreads)))
-            except Exception:  # noqa: BLE001  (outside a worker, e.g. a test calling the task directly)
-                pass
+                torch.set_num_threads(threads)
+                _ = encoder.inference_network  # built once per process, not per task
             _ENCODERS[key] = encoder
     return encoder
 
 
 def encode_patches(encoder, patches: np.ndarray) -> np.ndarray:
-    """Embeddings ``(N, D)`` float32 of grey patches ``(N, S, S)`` in [0, 1] (normalised in place
-    when they can be): the one step a worker's model runs (a runtime other than torch goes here)."""
-    from .search import _embed_batch, _to_tensor
+    """Embeddings ``(N, D)`` float32 of grey patches ``(N, S, S)`` in [0, 1] (float32, normalised
+    in place): the one step a worker's model runs, on torch or ONNX Runtime (as the local
+    pipeline's ``_to_tensor`` and ``embed_tensor``)."""
+    from .encoder import normalise_in_place
 
-    return _embed_batch(encoder, _to_tensor(encoder, patches), None)
+    patches = np.ascontiguousarray(patches, dtype=np.float32)
+    x = normalise_in_place(patches, encoder.metadata.normalisation)[:, None]
+    if encoder.runtime == "torch":
+        import torch
+
+        x = torch.from_numpy(x)
+    return encoder.embed_tensor(x)
 
 
 def _embed_tile(job: _Job, model_bytes: bytes, number: int, idx: np.ndarray, rows: np.ndarray, cols: np.ndarray):
@@ -342,7 +353,7 @@ def _embed_tile(job: _Job, model_bytes: bytes, number: int, idx: np.ndarray, row
 def _embed_tile_cells(job: _Job, model_bytes: bytes, number: int, idx: np.ndarray, rows: np.ndarray,
                       cols: np.ndarray):
     from .imagery import GreyReader
-    from .search import read_cells
+    from .reads import read_cells
 
     t, cpu = time.perf_counter(), time.thread_time()
     encoder = _worker_encoder(job, model_bytes)
@@ -365,17 +376,18 @@ def _embed_tile_cells(job: _Job, model_bytes: bytes, number: int, idx: np.ndarra
 
 
 # -- the client's side ---------------------------------------------------------------------
-def _model_file(model_path: str | None) -> tuple[bytes, str, str]:
-    from .encoder import default_model_path
+def _model_file(model_path: str | None, runtime: str, device: str) -> tuple[bytes, str, str, str]:
+    """The model file's bytes, sha256, suffix, and the runtime that runs it."""
     from .errors import ModelError
+    from .runtime import choose_runtime
 
-    path = Path(model_path) if model_path else default_model_path()
+    runtime, path = choose_runtime(model_path, runtime, device)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelError(f"Cannot read the model file '{path}': {exc.strerror or exc}",
                          "Check the path, or leave the model empty to use the shipped one") from exc
-    return data, hashlib.sha256(data).hexdigest(), path.suffix
+    return data, hashlib.sha256(data).hexdigest(), path.suffix, runtime
 
 
 def _tile_failed(exc: BaseException) -> BaseException:
@@ -391,7 +403,8 @@ def _tile_failed(exc: BaseException) -> BaseException:
 
 def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, scheduler, *,
                         size: int | None = None, band: int | None = None, min_valid: float = 0.5,
-                        batch_size: int = 128, device: str = "cpu", tile_rows: int | None = None,
+                        batch_size: int = 128, device: str = "cpu", runtime: str = "auto",
+                        tile_rows: int | None = None,
                         tile_cols: int | None = None, block_reads: bool = True, feedback: Feedback | None = None,
                         stats: dict | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(idx, valid, ok, emb)`` for every tile of ``grid``, in the order tiles finish.
@@ -405,6 +418,8 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
         scheduler: a spec for :func:`connect`, or a ``distributed.Client`` already connected.
         size: the encoder's input size (``None``: read from the model file).
         device: where the workers encode (``auto`` picks each worker's GPU when it has one).
+        runtime: ``auto``, ``onnx`` or ``torch`` (:func:`.runtime.choose_runtime`, decided here,
+            once for every worker).
         tile_rows / tile_cols: tile shape in grid rows and columns (``None``: :func:`default_tile_shape`).
         feedback: progress per finished tile; a cancel stops the run (pending tasks are
             cancelled, the client and an embedded cluster are closed).
@@ -416,23 +431,23 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
         SearchCancelled: the user cancelled.
     """
     from .imagery import GreyReader, describe_raster
-    from .search import ReadPlan, plan_reads
+    from .reads import ReadPlan, plan_reads
 
     feedback = feedback or Feedback()
     stats = stats if stats is not None else {}
     n = len(grid)
-    model_bytes, sha, suffix = _model_file(model_path)
+    model_bytes, sha, suffix, runtime = _model_file(model_path, runtime, device)
     if size is None:
-        from .encoder import load_model
+        from .runtime import load_runtime
 
-        size = load_model(model_path, "cpu").input_size
+        size = load_runtime(model_path, runtime, "cpu").input_size
     info = describe_raster(raster)
     plan = plan_reads(info, grid, size) if block_reads else ReadPlan(False)
     with GreyReader(raster, band=band) as first:  # the stretch, once for every task
         stretch = (first.lo, first.hi)
-    job = _Job(str(raster), band, int(size), stretch, plan, float(min_valid), int(batch_size), device, sha, suffix,
-               grid.origin_x, grid.origin_y, grid.cell_w, grid.cell_h, grid.step_x, grid.step_y, grid.n_rows,
-               grid.n_cols)
+    job = _Job(str(raster), band, int(size), stretch, plan, runtime, float(min_valid), int(batch_size), device, sha,
+               suffix, grid.origin_x, grid.origin_y, grid.cell_w, grid.cell_h, grid.step_x, grid.step_y,
+               grid.n_rows, grid.n_cols)
     stats.update(read_mode=plan.mode, tiles=0, task_seconds=0.0, task_cpu_seconds=0.0)
     if n == 0:
         return
@@ -549,7 +564,8 @@ def encode_on_cluster(params, encoder, info, grid: CellGrid, score, min_valid: f
     order = CellOrder(len(grid))
     tiles = iter_embedded_tiles(params.raster, grid, encoder.path, params.scheduler, size=encoder.input_size,
                                 band=params.band, min_valid=min_valid, batch_size=params.batch_size,
-                                device=params.device, block_reads=params.block_reads, feedback=feedback, stats=stats)
+                                device=params.device, runtime=encoder.runtime, block_reads=params.block_reads,
+                                feedback=feedback, stats=stats)
     with contextlib.closing(tiles):
         for tile in tiles:
             for idx, valid, ok, emb in order.add(*tile):

@@ -143,7 +143,7 @@ class TestReads:
         area with a gap in the middle of its rows): the same patches, fewer pixels held."""
         from shapely.geometry import box
 
-        from siamese_analog_plugin.engine import search
+        from siamese_analog_plugin.engine import reads
 
         grey = np.maximum(smooth_noise((300, 900), seed=4), 2)
         raster = write_raster(tmp_path / "w.tif", grey, "EPSG:32618", Affine(10, 0, 600000, 0, -10, 2700000))
@@ -161,18 +161,18 @@ class TestReads:
         whole = batches(raster, grid, 100, threads=1)
         assert max(widths) > 4  # a strip across the gap
         widths.clear()
-        monkeypatch.setattr(search, "ROWS_READ_PIXELS", 150 * 75 * 4)  # 4 grid columns a strip
+        monkeypatch.setattr(reads, "ROWS_READ_PIXELS", 150 * 75 * 4)  # 4 grid columns a strip
         split = batches(raster, grid, 100, threads=1)
         assert max(widths) <= 4
         for x, y in zip(whole, split):
             assert np.array_equal(x, y)
 
     def test_cells_too_large_for_a_strip_read_are_read_by_gdal(self, area_raster, monkeypatch):
-        from siamese_analog_plugin.engine import search
+        from siamese_analog_plugin.engine import reads
 
         info, grid = plan_grid(SearchParams(area_raster, None, cell_size_m=1500))
         assert plan_reads(info, grid, 100).mode == "rows"
-        monkeypatch.setattr(search, "ROWS_READ_PIXELS", 150 * 150 - 1)
+        monkeypatch.setattr(reads, "ROWS_READ_PIXELS", 150 * 150 - 1)
         assert plan_reads(info, grid, 100).mode == "cell"
 
     def test_cells_leaving_the_raster_are_read_one_by_one(self, area_raster):
