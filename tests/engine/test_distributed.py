@@ -310,3 +310,20 @@ def test_embed_area_on_cluster_equals_single_process(scene, tiny_model, cluster,
     assert a.shape == b.shape and tags_a.keys() == tags_b.keys()
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_allclose(a, b, atol=1e-3, equal_nan=True)  # bitwise equal here; one half-precision step at most
+
+
+def test_onnx_model_on_cluster_equals_single_process(scene, tiny_model, cluster, tmp_path):
+    """An .onnx model runs on ONNX Runtime in the workers, as in this process."""
+    pytest.importorskip("onnxruntime")
+    from siamese_analog_plugin.learning.export import export_onnx
+
+    pt = tmp_path / "tiny.pt"
+    pt.write_bytes(Path(tiny_model).read_bytes())
+    export_onnx(pt, tmp_path / "tiny.onnx")
+    results = []
+    for scheduler in (None, _address(cluster)):
+        params = SearchParams(scene[0], scene[1], cell_size_m=1000, model=str(tmp_path / "tiny.onnx"), device="cpu",
+                              batch_size=4, scheduler=scheduler)
+        results.append(run_search(params))
+    assert results[0].extra["runtime"] == "onnx"
+    np.testing.assert_allclose(results[1].dissimilarity, results[0].dissimilarity, atol=1e-6)
