@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ DEFAULT_TILE_CELLS = 2048  # cells a task reads and encodes (~1 s on one core): 
 MAX_TILE_COLS = 8192  # wider grids are cut into columns too (keeps a band of tiles' embeddings small)
 POLL_S = 0.05  # how often the client looks for a cancel while it waits for tiles
 RESIZE_S = 2.0  # how often the client asks how many workers the cluster has
+MAX_RESUBMITS = 3  # times a tile whose finished result was lost is sent again
 
 
 # -- scheduler -----------------------------------------------------------------------------
@@ -471,7 +473,8 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
         ahead = max(4 * in_flight, 16)
         sized = time.monotonic()
         run = uuid.uuid4().hex[:8]
-        pending: dict = {}  # future -> tile number
+        pending: dict = {}  # future -> tile
+        attempts: dict[int, int] = {}  # tile number -> times its result was lost and it was sent again
         unfinished: set[int] = set()
         ac = distributed.as_completed(loop=client.loop)
         done = 0
@@ -485,13 +488,17 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
                 ahead = max(4 * in_flight, 16)
             oldest = min(unfinished) if unfinished else (next_tile.number if next_tile else 0)
             while next_tile is not None and len(pending) < in_flight and next_tile.number < oldest + ahead:
-                t = next_tile
-                fut = client.submit(_embed_tile, job_f, model_f, t.number, t.idx, t.rows, t.cols,
-                                    key=f"analog-tile-{run}-{t.number}", pure=False, retries=1)
-                pending[fut] = t.number
-                unfinished.add(t.number)
-                ac.add(fut)
+                submit(next_tile)
                 next_tile = next(tiles, None)
+
+        def submit(t: Tile) -> None:
+            again = attempts.get(t.number, 0)
+            fut = client.submit(_embed_tile, job_f, model_f, t.number, t.idx, t.rows, t.cols,
+                                key=f"analog-tile-{run}-{t.number}" + (f"-{again}" if again else ""), pure=False,
+                                retries=1)
+            pending[fut] = t
+            unfinished.add(t.number)
+            ac.add(fut)
 
         try:
             fill()
@@ -503,10 +510,24 @@ def iter_embedded_tiles(raster: str, grid: CellGrid, model_path: str | None, sch
                     fill()  # workers may have joined
                     continue
                 for fut in batch:
-                    pending.pop(fut, None)
+                    tile = pending.pop(fut, None)
+                    if tile is None:
+                        continue
                     if fut.status == "error":
                         raise _tile_failed(fut.exception())
-                    number, idx, valid, ok, emb, seconds, cpu = fut.result()
+                    try:
+                        number, idx, valid, ok, emb, seconds, cpu = fut.result()
+                    except CancelledError:
+                        # Finished, then lost with the worker that held it before it was fetched,
+                        # and forgotten by the scheduler (a race Dask does not always recover
+                        # from): computed again, under a new key.
+                        attempts[tile.number] = attempts.get(tile.number, 0) + 1
+                        if attempts[tile.number] > MAX_RESUBMITS:
+                            raise InputError(f"The result of a tile of cells was lost {MAX_RESUBMITS + 1} times "
+                                             "with the Dask workers that held it",
+                                             "Check the workers (memory, logs) and run again") from None
+                        submit(tile)
+                        continue
                     fut.release()
                     unfinished.discard(number)
                     done += idx.size
