@@ -9,6 +9,17 @@ __all__ = ["resolve_device", "available_devices", "DEVICE_CHOICES"]
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
+
+def cuda_index(name: str, default: int = 0) -> int:
+    """The GPU number of a device name ``cuda`` (``default``) or ``cuda:N`` (one-line error if malformed)."""
+    if ":" not in name:
+        return default
+    try:
+        return int(name.split(":", 1)[1])
+    except ValueError:
+        raise InputError(f"Device '{name}' is not a valid CUDA device name",
+                         "Write it as cuda or cuda:N with N a GPU number") from None
+
 def available_devices() -> list[str]:
     """List the devices torch can use here, e.g. ``['cpu', 'cuda:0 (NVIDIA H200)']``."""
     import torch
@@ -51,13 +62,8 @@ def resolve_device(name: str | None = "auto"):
         if not torch.cuda.is_available():
             raise InputError(f"Device '{name}' was asked for but no CUDA GPU is available here",
                              "Use --device auto (GPU when there is one) or cpu")
-        index = torch.cuda.current_device()
+        index = cuda_index(name, torch.cuda.current_device())
         if ":" in name:
-            try:
-                index = int(name.split(":", 1)[1])
-            except ValueError:
-                raise InputError(f"Device '{name}' is not a valid CUDA device name",
-                                 "Write it as cuda or cuda:N with N a GPU number") from None
             if not 0 <= index < torch.cuda.device_count():
                 raise InputError(
                     f"Device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)",

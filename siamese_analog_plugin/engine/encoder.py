@@ -394,16 +394,7 @@ class AnalogEncoder:
 
     def embed(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Embed grey patches in [0, 1], ``(N, S, S)``, batch by batch. Returns ``(N, D)`` float32."""
-        patches = np.asarray(patches, dtype=np.float32)
-        if patches.ndim != 3 or patches.shape[1:] != (self.input_size, self.input_size):
-            raise InputError(
-                f"Patches of shape {patches.shape[1:]} were given to an encoder that takes "
-                f"{self.input_size}x{self.input_size}", "Resample them to the encoder's input size first")
-        out = np.empty((len(patches), self.embedding_dim), dtype=np.float32)
-        for start in range(0, len(patches), batch_size):
-            chunk = patches[start:start + batch_size]
-            out[start:start + len(chunk)] = self.embed_tensor(self.to_tensor(chunk))
-        return out
+        return embed_in_batches(self, patches, batch_size)
 
     def describe(self) -> str:
         """A human-readable model card summary."""
@@ -424,6 +415,21 @@ class AnalogEncoder:
             text = json.dumps(value) if not isinstance(value, str) else value
             lines.append(f"training.{key:<8}: {text}" if len(key) < 8 else f"training.{key}: {text}")
         return "\n".join(lines)
+
+
+def embed_in_batches(encoder, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Embed grey patches in [0, 1], ``(N, S, S)``, with any runtime's encoder (``to_tensor`` and
+    ``embed_tensor``), batch by batch. Returns ``(N, D)`` float32."""
+    patches = np.asarray(patches, dtype=np.float32)
+    size = encoder.input_size
+    if patches.ndim != 3 or patches.shape[1:] != (size, size):
+        raise InputError(f"Patches of shape {patches.shape[1:]} were given to an encoder that takes {size}x{size}",
+                         "Resample them to the encoder's input size first")
+    out = np.empty((len(patches), encoder.embedding_dim), dtype=np.float32)
+    for start in range(0, len(patches), batch_size):
+        chunk = patches[start:start + batch_size]
+        out[start:start + len(chunk)] = encoder.embed_tensor(encoder.to_tensor(chunk))
+    return out
 
 
 def save_model(path: str | os.PathLike, network, metadata: ModelMetadata) -> None:

@@ -223,21 +223,15 @@ def write_class_raster(path: str, grid: CellGrid, class_index: np.ndarray, class
     It carries a colour table (:func:`class_colours`) and category names, so any GIS shows
     it with a legend as is.
     """
-    from .outputs import RasterStream
+    from .outputs import write_cell_raster
 
     values = np.where(class_index >= 0, class_index + 1, CLASS_NODATA).astype(np.uint8)
     colours = {CLASS_NODATA: (0, 0, 0, 0)}
     colours.update({i + 1: (*rgb, 255) for i, rgb in enumerate(class_colours(len(class_names)))})
     meta = {f"CLASS_{i + 1}": n for i, n in enumerate(class_names)}
     meta.update(tags or {})
-    stream = RasterStream(path, grid, meta, "landform class", dtype="uint8", nodata=CLASS_NODATA, colours=colours,
-                          categories=["(not classified)"] + list(class_names))
-    try:
-        stream.write(0, len(grid), values)
-    except BaseException:
-        stream.abort()
-        raise
-    stream.close()
+    write_cell_raster(path, grid, values, meta, description="landform class", dtype="uint8", nodata=CLASS_NODATA,
+                      colours=colours, categories=["(not classified)"] + list(class_names))
 
 
 FEWSHOT_FIELDS = [

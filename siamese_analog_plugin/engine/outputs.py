@@ -37,7 +37,7 @@ __all__ = [
     "RasterStream",
     "CellLayerWriter",
     "ResultStream",
-    "write_dissimilarity_raster",
+    "write_cell_raster",
     "write_cells_gpkg",
     "new_run_id",
     "same_run",
@@ -272,13 +272,14 @@ class RasterStream:
             self._ds.close()
 
 
-def write_dissimilarity_raster(path: str, grid, values: np.ndarray, tags: dict | None = None) -> None:
-    """Write a float32 GeoTIFF with one pixel per grid position.
+def write_cell_raster(path: str, grid, values: np.ndarray, tags: dict | None = None, **options) -> None:
+    """Write a GeoTIFF with one pixel per grid position at once (float32 dissimilarity by default;
+    ``options`` as :class:`RasterStream` takes them, e.g. a class raster's type and colours).
 
-    Pixels of cells that were not kept (outside the area) or not scored (nodata) hold
-    :data:`NODATA`.
+    Pixels of cells that were not kept (outside the area) or not scored (nodata) hold the
+    nodata value (:data:`NODATA`).
     """
-    stream = RasterStream(path, grid, tags)
+    stream = RasterStream(path, grid, tags, **options)
     try:
         stream.write(0, len(grid), values)
     except BaseException:

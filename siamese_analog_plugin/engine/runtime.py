@@ -35,7 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import CPU_CHUNK, DEFAULT_MODEL_NAME, FORMAT, FORMAT_VERSION, ModelMetadata, normalise_patches
+from .encoder import (
+    CPU_CHUNK,
+    DEFAULT_MODEL_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    ModelMetadata,
+    embed_in_batches,
+    normalise_patches,
+)
 from .errors import InputError, ModelError
 
 __all__ = [
@@ -257,14 +265,9 @@ def resolve_onnx_device(name: str | None = "auto") -> OnnxDevice:
         if not cuda:
             raise InputError(f"Device '{name}' was asked for but this ONNX Runtime has no CUDA provider",
                              "Install onnxruntime-gpu, use --runtime torch, or use --device cpu")
-        index = 0
-        if ":" in name:
-            try:
-                index = int(name.split(":", 1)[1])
-            except ValueError:
-                raise InputError(f"Device '{name}' is not a valid CUDA device name",
-                                 "Write it as cuda or cuda:N with N a GPU number") from None
-        return OnnxDevice("cuda", index, "CUDAExecutionProvider")
+        from .devices import cuda_index
+
+        return OnnxDevice("cuda", cuda_index(name), "CUDAExecutionProvider")
     raise InputError(f"Unknown device '{name}'", "Choose one of auto, cpu, cuda, cuda:N or mps")
 
 
@@ -499,16 +502,7 @@ class OnnxEncoder:
 
     def embed(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Embed grey patches in [0, 1], ``(N, S, S)``, batch by batch. Returns ``(N, D)`` float32."""
-        patches = np.asarray(patches, dtype=np.float32)
-        if patches.ndim != 3 or patches.shape[1:] != (self.input_size, self.input_size):
-            raise InputError(
-                f"Patches of shape {patches.shape[1:]} were given to an encoder that takes "
-                f"{self.input_size}x{self.input_size}", "Resample them to the encoder's input size first")
-        out = np.empty((len(patches), self.embedding_dim), dtype=np.float32)
-        for start in range(0, len(patches), batch_size):
-            chunk = patches[start:start + batch_size]
-            out[start:start + len(chunk)] = self.embed_tensor(self.to_tensor(chunk))
-        return out
+        return embed_in_batches(self, patches, batch_size)
 
     def describe(self) -> str:
         """A human-readable model card summary."""

@@ -44,8 +44,8 @@ from .outputs import (
     best_cells,
     check_destination,
     new_run_id,
+    write_cell_raster,
     write_cells_gpkg,
-    write_dissimilarity_raster,
 )
 from .queries import AGGREGATES, ReferenceQuery, reference_columns
 from .reads import ROWS_READ_PIXELS, ReadPlan, plan_reads, read_cells  # noqa: F401  (re-exported)
@@ -871,7 +871,7 @@ def write_outputs(result: SearchResult, out_raster: str | None, out_cells: str |
                         params.aggregate if params else "nearest")
     with atomic_outputs({"raster": out_raster, "cells": out_cells}) as tmp:
         if tmp["raster"]:
-            write_dissimilarity_raster(tmp["raster"], result.grid, result.dissimilarity, {**tags, **run})
+            write_cell_raster(tmp["raster"], result.grid, result.dissimilarity, {**tags, **run})
         if tmp["cells"]:
             write_cells_gpkg(tmp["cells"], result.grid, result.columns(), top_k=params.top_k if params else 10,
                              fields=cell_fields(reference_names(result.references)), metadata=run)

@@ -240,6 +240,13 @@ def _aps(emb: np.ndarray, q: np.ndarray, gal: np.ndarray, rel: np.ndarray) -> np
     return out
 
 
+def _mean_ap(aps) -> float:
+    """Mean average precision of the queries that have one (NaN, quietly, when none has a
+    relevant item in its gallery)."""
+    aps = np.asarray(aps, dtype=float)
+    return float(np.nanmean(aps)) if np.isfinite(aps).any() else float("nan")
+
+
 def _bootstrap_std(values: np.ndarray, clusters: np.ndarray, n: int = 200, seed: int = 0) -> float:
     """Std of the mean of ``values`` over a bootstrap that resamples whole clusters (scenes)."""
     ok = ~np.isnan(values)
@@ -314,7 +321,7 @@ def score_bench(emb: np.ndarray, bench: Bench, draws: int = 20, seed: int = 0,
             if not len(q) or not len(gal):
                 continue
             aps, ch = per_query(q, gal, rel_fn)
-            per[s] = float(np.nanmean(aps))
+            per[s] = _mean_ap(aps)
             vals.append(per[s])
             chances.append(ch)
         if vals:
@@ -325,7 +332,7 @@ def score_bench(emb: np.ndarray, bench: Bench, draws: int = 20, seed: int = 0,
         if not len(q) or not len(gal):
             return
         aps, ch = per_query(q, gal, rel_fn)
-        out[row] = {"mean": float(np.nanmean(aps)), "std": _bootstrap_std(aps, clusters), "n": int(len(q)),
+        out[row] = {"mean": _mean_ap(aps), "std": _bootstrap_std(aps, clusters), "n": int(len(q)),
                     "chance": ch, "spread": "bootstrap over query scenes"}
 
     if site_names:  # test side: one fold per site
