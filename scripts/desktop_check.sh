@@ -56,6 +56,7 @@ shrink() { [ -f "$OUT/$1.png" ] && convert "$OUT/$1.png" -crop "$3" +repage -res
 shrink 04_installer_done installer 722x422+349+199 || true
 shrink 06_result_map result_map 1140x760+300+140 || true
 shrink 07_drawing_tool drawing_tool 1170x770+270+130 || true
+shrink 05_find_dialog_default_size find_dialog 720x540+372+155 || true
 "$PY" - "$OUT/check.json" <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))

@@ -294,11 +294,12 @@ class AnalogAlgorithm(QgsProcessingAlgorithm):
                                           fileFilter=self.tr("Model files (*.onnx *.pt)"))
 
     def _runtime_parameter(self, name: str = "RUNTIME") -> QgsProcessingParameterEnum:
-        """The inference runtime (advanced): auto, ONNX Runtime or torch."""
+        """The inference runtime (advanced): auto (ONNX Runtime when it is installed and the model has an
+        .onnx file, else torch), ONNX Runtime or torch. Short choices: a long one widens the dialog
+        past its default size, hiding the reference's "..." button."""
         param = QgsProcessingParameterEnum(
             name, self.tr("Inference runtime"),
-            [self.tr("auto (ONNX Runtime when installed and the model is .onnx)"), self.tr("ONNX Runtime"),
-             self.tr("torch")], defaultValue=0)
+            [self.tr("auto"), self.tr("ONNX Runtime"), self.tr("torch")], defaultValue=0)
         param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         return param
 

@@ -102,45 +102,51 @@ when its centre lies inside.</li>
 <h3>Outputs</h3>
 <p>A <b>CSV</b> (columns region, reference, min, q1, median, q3, max, best_lon, best_lat, cells), an
 <b>HTML page</b> with the heatmap of minimum dissimilarity and a box plot per region (opens in the results
-viewer), and optionally the <b>cells</b> (one dissimilarity column per reference).</p>"""
+viewer), and optionally the <b>cells</b> (one dissimilarity column per reference).</p>
+<p><b>Cell size (m)</b>: empty = the references' ground size (or the embedding raster's own); <b>Model
+file</b>: empty = the shipped encoder, or the embedding raster's.</p>
+<h3>Advanced parameters</h3>
+<p><b>Stride (m)</b>: distance between cells (empty: the cell size, no overlap). <b>Max. nodata share of a
+cell</b>: cells with more nodata are skipped (default 0.5). <b>Band</b>: the raster band to use (empty: the
+luminance of RGB, or band 1). <b>Inference runtime</b>: auto (ONNX Runtime when it is installed and the model
+has an .onnx file, else torch), ONNX Runtime or torch. <b>Reference resolution (m/pixel)</b>: the ground
+resolution of references that are not georeferenced.</p>"""
 
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(
-            self.INPUT, self.tr("Earth imagery (a raster file; optional with an embedding raster)"), optional=True))
+            self.INPUT, self.tr("Earth imagery"), optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(
-            self.EMBEDDINGS, self.tr("Embedding raster of the imagery (from Embed area; optional)"), optional=True))
+            self.EMBEDDINGS, self.tr("Embedding raster"), optional=True))
         self.addParameter(QgsProcessingParameterVectorLayer(
             self.REGIONS, self.tr("Regions (polygons)"), [QgsProcessing.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterField(
             self.NAME_FIELD, self.tr("Field with the region names"), parentLayerParameterName=self.REGIONS))
         self.addParameter(QgsProcessingParameterMultipleLayers(
             self.REFERENCE, self.tr("Mars reference image(s)"), QgsProcessing.TypeRaster))
-        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (metres; empty = the reference's "
-                                                                     "ground size, or the embedding raster's)"),
+        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (m)"),
                                               defaultValue=None, optional=True, minValue=0.0)
         cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         self.addParameter(cell)
         self.addParameter(self._model_parameter(
-            self.MODEL, self.tr("Model file (empty = the shipped encoder, or the embedding raster's)")))
-        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride between cells (metres; empty = the "
-                                                                     "cell size)"),
+            self.MODEL, self.tr("Model file")))
+        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride (m)"),
                                                 defaultValue=None, optional=True, minValue=0.0)
         stride.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         advanced = [
             stride,
-            QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the regions"),
+            QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Min. cell share inside regions"),
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
-            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with a larger nodata share than"),
+            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Max. nodata share of a cell"),
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
-            QgsProcessingParameterNumber(self.BAND, self.tr("Band to use (empty = luminance of RGB, or band 1)"),
+            QgsProcessingParameterNumber(self.BAND, self.tr("Band"),
                                          QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
             QgsProcessingParameterNumber(self.REFERENCE_RESOLUTION,
-                                         self.tr("Metres per pixel of references that are not georeferenced"),
+                                         self.tr("Reference resolution (m/pixel)"),
                                          QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
             device_parameter(self.DEVICE, self.tr("Device")),
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
-            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
+            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow grids of over a million cells"),
                                           defaultValue=False),
             self._runtime_parameter(self.RUNTIME),
         ]
@@ -150,10 +156,10 @@ viewer), and optionally the <b>cells</b> (one dissimilarity column per reference
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_CSV, self.tr("Table (CSV)"), self.tr("CSV files (*.csv)")))
         self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_HTML, self.tr("Report (HTML: heatmap and box plots)"), self.tr("HTML files (*.html)"),
+            self.OUTPUT_HTML, self.tr("Report (HTML)"), self.tr("HTML files (*.html)"),
             optional=True))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT_CELLS, self.tr("Cells (one dissimilarity column per reference)"),
+            self.OUTPUT_CELLS, self.tr("Cell layer"),
             QgsProcessing.TypeVectorPolygon, optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber(self.REGION_COUNT, self.tr("Number of regions")))
         self.addOutput(QgsProcessingOutputNumber(self.REFERENCE_COUNT, self.tr("Number of references")))

@@ -128,37 +128,40 @@ minutes) and give the same numbers. The <i>Find similar cells</i> map tool queri
 ground size of the Mars reference). <b>Model</b>: empty for the shipped encoder; queries must use the same
 model.</p>
 <p>The layer loads with the first three embedding values as red, green and blue: cells of like texture get
-like colours. The embedding raster stays tied to its imagery file: a query refuses it for another raster.</p>"""
+like colours. The embedding raster stays tied to its imagery file: a query refuses it for another raster.</p>
+<h3>Advanced parameters</h3>
+<p><b>Stride (m)</b>: distance between cells (empty: the cell size, no overlap). <b>Max. nodata share of a
+cell</b>: cells with more nodata are skipped (default 0.5). <b>Band</b>: the raster band to use (empty: the
+luminance of RGB, or band 1). <b>Inference runtime</b>: auto (ONNX Runtime when it is installed and the model
+has an .onnx file, else torch), ONNX Runtime or torch.</p>"""
 
     def initAlgorithm(self, config=None) -> None:
         from qgis.core import QgsProcessing
 
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Earth imagery (a raster file)")))
         self.addParameter(QgsProcessingParameterFeatureSource(
-            self.AREA, self.tr("Area to embed (polygons; empty = the raster's extent)"),
+            self.AREA, self.tr("Area to embed"),
             [QgsProcessing.TypeVectorPolygon], optional=True))
-        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (metres; empty = 100 raster "
-                                                                     "pixels)"),
+        cell = QgsProcessingParameterDistance(self.CELL_SIZE, self.tr("Cell size (m)"),
                                               defaultValue=None, optional=True, minValue=0.0)
         cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         self.addParameter(cell)
-        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty = the shipped encoder)")))
-        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride between cells (metres; empty = the "
-                                                                     "cell size, no overlap)"),
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file")))
+        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride (m)"),
                                                 defaultValue=None, optional=True, minValue=0.0)
         stride.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         advanced = [
             stride,
             QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the area"),
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
-            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with a larger nodata share than"),
+            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Max. nodata share of a cell"),
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
-            QgsProcessingParameterNumber(self.BAND, self.tr("Band to use (empty = luminance of RGB, or band 1)"),
+            QgsProcessingParameterNumber(self.BAND, self.tr("Band"),
                                          QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
             device_parameter(self.DEVICE, self.tr("Device")),
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
-            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
+            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow grids of over a million cells"),
                                           defaultValue=False),
             self._runtime_parameter(self.RUNTIME),
         ]

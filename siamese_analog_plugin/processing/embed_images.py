@@ -51,7 +51,7 @@ the search. Cancelling leaves no partial file.</p>"""
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterFile(self.INPUT, self.tr("Image folder"),
                                                      behavior=QgsProcessingParameterFile.Folder))
-        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty = the shipped model)")))
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file")))
         self.addParameter(device_parameter(self.DEVICE, self.tr("Device")))
         batch = QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Images encoded together (batch size)"),
                                              QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536)

@@ -156,31 +156,38 @@ command); a step-2 model carries its own classes, so the examples may then be le
 colour table and class names. <b>Cells</b>: GeoPackage polygons with <i>class</i>, <i>cosine</i> (similarity
 to the class prototype), <i>confidence</i> (softmax of the scaled cosines) and <i>margin</i> (best minus
 second-best cosine; small = ambiguous). Both load styled with one colour per class and a legend.
-Cancelling leaves no partial files.</p>"""
+Cancelling leaves no partial files.</p>
+<p><b>Embedding raster</b> (optional): an embedding raster of this imagery made by <i>Embed area</i>: its
+cells are classified without encoding them again.</p>
+<h3>Advanced parameters</h3>
+<p><b>Stride (m)</b>: distance between cells (empty: the cell size, no overlap). <b>Max. nodata share of a
+cell</b>: cells with more nodata are skipped (default 0.5). <b>Band</b>: the raster band to use (empty: the
+luminance of RGB, or band 1). <b>Inference runtime</b>: auto (ONNX Runtime when it is installed and the model
+has an .onnx file, else torch), ONNX Runtime or torch.</p>"""
 
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Imagery to map")))
         self.addParameter(QgsProcessingParameterFeatureSource(
-            self.AREA, self.tr("Area to map (empty: the whole raster)"), [QgsProcessing.TypeVectorPolygon],
+            self.AREA, self.tr("Area to map"), [QgsProcessing.TypeVectorPolygon],
             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(
-            self.EXAMPLES, self.tr("Labelled examples (points or polygons)"),
+            self.EXAMPLES, self.tr("Labelled examples"),
             [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterField(
             self.CLASS_FIELD, self.tr("Class field of the examples"), parentLayerParameterName=self.EXAMPLES,
             optional=True))
         self.addParameter(QgsProcessingParameterFile(
-            self.SUPPORT_FOLDER, self.tr("Or: folder of example images (one sub-folder per class)"),
+            self.SUPPORT_FOLDER, self.tr("Or: folder of examples"),
             behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.CELL_SIZE, self.tr("Cell size (metres; empty: 100 raster pixels)"),
+            self.CELL_SIZE, self.tr("Cell size (m)"),
             QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0))
-        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file (empty: the shipped encoder)")))
+        self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file")))
         self.addParameter(QgsProcessingParameterRasterLayer(
-            self.EMBEDDINGS, self.tr("Embedding raster of the imagery (from Embed area; optional: skips encoding)"),
+            self.EMBEDDINGS, self.tr("Embedding raster"),
             optional=True))
         advanced = [
-            QgsProcessingParameterNumber(self.STRIDE, self.tr("Stride between cells (metres; empty: the cell size)"),
+            QgsProcessingParameterNumber(self.STRIDE, self.tr("Stride (m)"),
                                          QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
             QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the area"),
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
@@ -189,7 +196,7 @@ Cancelling leaves no partial files.</p>"""
             device_parameter(self.DEVICE, self.tr("Device")),
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
-            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
+            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow grids of over a million cells"),
                                           defaultValue=False),
             self._runtime_parameter(self.RUNTIME),
         ]

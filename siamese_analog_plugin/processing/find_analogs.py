@@ -155,9 +155,23 @@ cell polygons with <i>dissimilarity</i>, <i>rank</i> (1 = most Mars-like), <i>pe
 <p><b>Stride</b> (empty: the cell size, no overlap) smaller than the cell size makes overlapping cells
 (finer map, more work). <b>Model file</b>: empty uses the shipped encoder. Cells mostly
 outside the area (<b>minimum coverage</b>) or mostly nodata are skipped. The run stops with a clear message
-when the grid would be absurdly large (usually a cell size in the wrong unit); tick <i>Allow very large
-grids</i> to insist. <b>Device</b>: auto (a GPU when there is one), cpu or cuda. Cancelling
-leaves no partial files.</p>"""
+when the grid would be absurdly large (usually a cell size in the wrong unit); tick <i>Allow grids of
+over a million cells</i> to insist. <b>Device</b>: auto (a GPU when there is one), cpu or cuda.
+Cancelling leaves no partial files.</p>
+<h3>Embed once, query many</h3>
+<p><b>Embedding raster</b> (optional): an embedding raster of this imagery made by <i>Embed area</i>; its
+cells are compared without encoding them again (its grid, cell size and model are used).
+<b>Keep embeddings</b> (optional): also write the embeddings computed on the way, for later searches,
+<i>Find similar cells</i> and <i>Compare regions</i>.</p>
+<h3>Advanced parameters</h3>
+<p><b>Max. nodata share of a cell</b>: cells with more nodata are skipped (default 0.5). <b>Band</b>: the
+raster band to use (empty: the luminance of RGB, or band 1). <b>Reference resolution (m/pixel)</b>: the
+ground resolution of references that are not georeferenced (plain PNG/JPEG), so the default cell size can
+match them. <b>Several references: compare with</b> the nearest one, or their mean. <b>Inference
+runtime</b>: auto (ONNX Runtime when it is installed and the model has an .onnx file, else torch),
+ONNX Runtime or torch. <b>Dask scheduler</b>: empty runs on this computer; <i>local:N</i> starts N
+worker processes here, <i>tcp://HOST:PORT</i> or a scheduler file uses a Dask cluster that can read
+the imagery.</p>"""
 
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Earth imagery")))
@@ -184,23 +198,22 @@ leaves no partial files.</p>"""
         advanced = [
             QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
                                          QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
-            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with a larger nodata share than"),
+            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Max. nodata share of a cell"),
                                          QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
-            QgsProcessingParameterNumber(self.BAND, self.tr("Band to use (empty = luminance of RGB, or band 1)"),
+            QgsProcessingParameterNumber(self.BAND, self.tr("Band"),
                                          QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
             QgsProcessingParameterNumber(self.REFERENCE_RESOLUTION,
-                                         self.tr("Metres per pixel of references that are not georeferenced"),
+                                         self.tr("Reference resolution (m/pixel)"),
                                          QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
-            QgsProcessingParameterEnum(self.AGGREGATE, self.tr("With several references, compare each cell with"),
+            QgsProcessingParameterEnum(self.AGGREGATE, self.tr("Several references: compare with"),
                                        [self.tr("the nearest reference"), self.tr("their mean")], defaultValue=0),
             QgsProcessingParameterNumber(self.TOP_K, self.tr("Number of best sites to list"),
                                          QgsProcessingParameterNumber.Integer, 10, minValue=1, maxValue=10000),
-            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow very large grids (over a million cells)"),
+            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow grids of over a million cells"),
                                           defaultValue=False),
             self._runtime_parameter(self.RUNTIME),
             QgsProcessingParameterString(
-                self.SCHEDULER, self.tr("Dask scheduler: local:N, tcp://HOST:PORT or a scheduler file "
-                                        "(empty = this computer, without Dask)"), defaultValue="", optional=True),
+                self.SCHEDULER, self.tr("Dask scheduler"), defaultValue="", optional=True),
         ]
         for param in advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -213,7 +226,7 @@ leaves no partial files.</p>"""
             self.OUTPUT_REPORT, self.tr("Report (HTML)"), self.tr("HTML files (*.html)"), optional=True,
             createByDefault=False))
         keep = QgsProcessingParameterRasterDestination(
-            self.KEEP_EMBEDDINGS, self.tr("Keep the embeddings computed on the way (embedding raster)"),
+            self.KEEP_EMBEDDINGS, self.tr("Keep embeddings"),
             optional=True, createByDefault=False)
         keep.setFlags(keep.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(keep)

@@ -87,11 +87,11 @@ published network, about 40 M parameters).</li>
 <li><b>Trained model</b>: a <code>.pt</code> file. Use it as the <i>Model</i> of <i>Find Mars analog
 sites</i>. A <code>.state.pt</code> file beside it lets a stopped run continue (<i>Resume from</i>).</li>
 </ol>
-<p>A GPU (device auto or cuda) trains much faster. Cancelling stops after the current batch and writes
-no model.</p>"""
+<p><b>Embedding size</b> (advanced; empty: 32 for compact, 5 for paper). A GPU (device auto or cuda)
+trains much faster. Cancelling stops after the current batch and writes no model.</p>"""
 
     def initAlgorithm(self, config=None) -> None:
-        self.addParameter(QgsProcessingParameterFile(self.INPUT, self.tr("Training images (one sub-folder per class)"),
+        self.addParameter(QgsProcessingParameterFile(self.INPUT, self.tr("Training images"),
                                                      behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterEnum(self.ARCHITECTURE, self.tr("Architecture"),
                                                      list(ARCHITECTURES), defaultValue=0))
@@ -102,14 +102,14 @@ no model.</p>"""
         advanced = [
             number(self.BATCH_SIZE, self.tr("Labelled pairs per batch"), number.Integer, 64, minValue=2),
             number(self.AUGMENT, self.tr("Augmented views per image per epoch"), number.Integer, 10, minValue=1),
-            number(self.EMBEDDING_DIM, self.tr("Embedding size (empty = 32 compact, 5 paper)"), number.Integer,
+            number(self.EMBEDDING_DIM, self.tr("Embedding size"), number.Integer,
                    None, optional=True, minValue=2),
             number(self.LEARNING_RATE, self.tr("Learning rate (Adam)"), number.Double, 1e-3, minValue=0.0),
             number(self.MARGIN, self.tr("Contrastive margin"), number.Double, 1.0, minValue=0.0),
             number(self.TEST_FRACTION, self.tr("Share of images held out for evaluation"), number.Double, 0.1,
                    minValue=0.0, maxValue=0.9),
             number(self.SEED, self.tr("Random seed"), number.Integer, 0, minValue=0),
-            QgsProcessingParameterFile(self.RESUME, self.tr("Resume from a training-state file (.state.pt)"),
+            QgsProcessingParameterFile(self.RESUME, self.tr("Resume from a state file"),
                                        extension="pt", optional=True),
         ]
         for param in advanced:
