@@ -76,6 +76,8 @@ def register_similar(sub) -> None:
     p.add_argument("--crs", help="CRS of --point (e.g. EPSG:4326 for lon lat; default: the raster's)")
     p.add_argument("--cells", nargs="+", type=int, help="the examples are these cell ids (the cell layer's id)")
     p.add_argument("--image", nargs="+", help="the example is this image (encoded with the raster's model)")
+    p.add_argument("--model", help="the model that made the embedding raster, where it has moved since (default: "
+                                   "the path the raster records)")
     p.add_argument("--aggregate", choices=("nearest", "mean"), default="nearest",
                    help="with several examples: distance to the nearest one or to their mean")
     p.add_argument("--max-nodata", type=share_below_one, default=0.5,
@@ -94,20 +96,25 @@ def register_similar(sub) -> None:
 
 def cmd_similar(args) -> int:
     from ..engine.outputs import check_destination
-    from ..engine.safety import check_outputs
+    from ..engine.safety import check_output_format, check_outputs, hold_destinations
     from ..engine.similar import SimilarParams, run_similar
     from . import report_sites
 
-    check_outputs({"--out-raster": args.out_raster, "--out-cells": args.out_cells, "--out-png": args.out_png},
-                  {"--embeddings": args.embeddings, "--image": args.image})
+    outputs = {"--out-raster": args.out_raster, "--out-cells": args.out_cells, "--out-png": args.out_png}
+    check_outputs(outputs, {"--embeddings": args.embeddings, "--image": args.image, "--model": args.model})
+    check_output_format(args.out_raster, "output raster", (".tif", ".tiff"), "GeoTIFF")
+    check_output_format(args.out_cells, "output cell layer", (".gpkg",), "GeoPackage")
+    check_output_format(args.out_png, "picture", (".png",), "PNG picture")
     if args.out_png:
         check_destination(args.out_png, "picture")
     params = SimilarParams(embeddings=args.embeddings, points=[tuple(p) for p in args.point] if args.point else None,
                            crs=args.crs, cells=args.cells, images=args.image, aggregate=args.aggregate,
-                           max_nodata=args.max_nodata, device=args.device, top_k=args.top, runtime=args.runtime)
-    result = run_similar(params, args.out_raster, args.out_cells, ConsoleFeedback(quiet=args.quiet))
-    examples = ", ".join(Path(r.path).name for r in result.references)
-    report_sites(result, args, f"Cells most like {examples}", "more alike", [args.out_raster, args.out_cells])
+                           max_nodata=args.max_nodata, device=args.device, top_k=args.top, runtime=args.runtime,
+                           model=args.model)
+    with hold_destinations(list(filter(None, outputs.values()))):  # the picture, drawn last, too
+        result = run_similar(params, args.out_raster, args.out_cells, ConsoleFeedback(quiet=args.quiet))
+        examples = ", ".join(Path(r.path).name for r in result.references)
+        report_sites(result, args, f"Cells most like {examples}", "more alike", [args.out_raster, args.out_cells])
     return 0
 
 

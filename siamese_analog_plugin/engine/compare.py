@@ -168,8 +168,9 @@ def run_compare(params: CompareParams, out_csv: str | None = None, out_html: str
                       reference_resolution_m=params.reference_resolution_m, model=params.model,
                       device=params.device, batch_size=params.batch_size, max_cells=params.max_cells,
                       force=params.force, embeddings=params.embeddings, top_k=0, runtime=params.runtime)
-    with atomic_outputs({"csv": out_csv, "html": out_html}) as tmp:
-        result = run_search(sp, None, out_cells, feedback, encoder)
+    # The cell layer is written under a temporary name too, and moved with the table and the page.
+    with atomic_outputs({"csv": out_csv, "html": out_html, "cells": out_cells}) as tmp:
+        result = run_search(sp, None, tmp["cells"], feedback, encoder)
         grid = result.grid
         per_ref = result.per_reference if result.per_reference is not None else result.dissimilarity[:, None]
         ref_names = [Path(r.path).name for r in result.references]

@@ -120,6 +120,7 @@ class EmbeddingFacts:
     area_wkt: str | None  # the area polygon in the raster's CRS, clipped to the raster
     grid: dict  # crs, origin, cell, step, shape, cells (kept), kept (hash of rows/cols)
     min_valid: float  # cells with a smaller valid share were not encoded
+    precision: str = "fp32"  # "amp-bfloat16"...: mixed-precision embeddings are not the float32 ones
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -163,7 +164,8 @@ def embedding_facts(encoder, raster: str, grid, band: int | None, min_valid: flo
     path, size, mtime = _raster_identity(raster)
     area = getattr(grid, "area", None)
     return EmbeddingFacts(
-        model=model_fingerprint(encoder), model_path=encoder.path or "", input_size=int(encoder.input_size),
+        model=model_fingerprint(encoder), model_path=os.path.abspath(encoder.path) if encoder.path else "",
+        input_size=int(encoder.input_size),
         normalisation=dict(encoder.metadata.normalisation), embedding_dim=int(encoder.embedding_dim),
         raster=path, raster_size=size, raster_mtime_ns=mtime, band=band, cell_size_m=float(grid.cell_size_m),
         stride_m=float(grid.stride_m), min_coverage=float(min_coverage),
@@ -336,6 +338,15 @@ class EmbeddingRaster:
                                  f"Leave the {what} out (it comes from the embedding raster), or embed the area "
                                  f"again at {asked:g} m")
 
+    def check_nodata(self, min_valid: float) -> None:
+        """Refuse a query that needs cells more nodata than the embedding raster encoded: those
+        cells were never embedded, so they would silently be missing."""
+        if min_valid < self.facts.min_valid - 1e-6:
+            raise InputError(f"The embedding raster '{self.path}' holds only cells with at most "
+                             f"{1 - self.facts.min_valid:.0%} nodata, not {1 - min_valid:.0%}",
+                             f"Use a largest nodata share of at most {1 - self.facts.min_valid:g}, or embed the "
+                             "area again with a larger one")
+
     def iter_chunks(self, rows_per_chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(idx, valid_fraction, embeddings)`` of the kept cells, a strip of grid rows at a
         time: ``embeddings`` is ``(len(idx), D)`` float32 (a view, not C-contiguous) with NaN rows
@@ -413,6 +424,11 @@ def _rebuild_grid(facts: EmbeddingFacts, path: str):
     sx, sy = float(g["step"][0]), float(g["step"][1])
     n_rows, n_cols = int(g["shape"][0]), int(g["shape"][1])
     extent = (ox, oy - (n_rows - 1) * sy - ch, ox + (n_cols - 1) * sx + cw, oy)
+    if facts.area_wkt:
+        # The area (already clipped to the real raster) may reach past the last cell; clipping it to
+        # the cells' extent would move its bounds, and with them the origin and, in degrees, the size.
+        b = wkt.loads(facts.area_wkt).bounds
+        extent = (min(extent[0], b[0]), min(extent[1], b[1]), max(extent[2], b[2]), max(extent[3], b[3]))
     info = RasterInfo(path=facts.raster, width=max(1, round((extent[2] - extent[0]) / cw)),
                       height=max(1, round((extent[3] - extent[1]) / ch)), count=1, crs_wkt=crs,
                       bounds=extent, res=(min(cw, ch) / 1e3, min(cw, ch) / 1e3), georeferenced=True)

@@ -501,6 +501,7 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
         if params.area is not None:
             raise InputError("An embedding raster fixes the area: an area cannot be given with it",
                              "Leave the area out, or embed the new area with 'embed-area'")
+        source.check_nodata(1.0 - params.max_nodata)
         raster = source.facts.raster
     else:
         raster = params.raster
@@ -542,8 +543,7 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
     facts = None
     if source is None and (cache is not None or params.keep_embeddings):
         facts = embedding_facts(encoder, raster, grid, params.band, min_valid, params.min_coverage)
-        if precision != "fp32":
-            facts.model += f"+{precision}"  # mixed-precision embeddings are not the float32 ones
+        facts.precision = precision  # in the cache key: mixed-precision embeddings are not the float32 ones
     if cache is not None and source is None:
         source = cache.lookup(facts)
         extra["cache"] = "hit" if source is not None else "miss"

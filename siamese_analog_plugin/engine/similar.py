@@ -44,6 +44,7 @@ class SimilarParams:
     device: str = "auto"
     top_k: int = 10
     runtime: str = "auto"
+    model: str | None = None  # the model that made the embeddings, when it has moved since
 
 
 def example_embeddings(source: EmbeddingRaster, params: SimilarParams, encoder=None) -> tuple[list, np.ndarray, list]:
@@ -58,7 +59,8 @@ def example_embeddings(source: EmbeddingRaster, params: SimilarParams, encoder=N
         from .imagery import load_image_patch
         from .runtime import load_runtime
 
-        encoder = encoder or load_runtime(source.facts.model_path or None, params.runtime, params.device)
+        encoder = encoder or load_runtime(params.model or source.facts.model_path or None, params.runtime,
+                                          params.device)
         source.check_model(encoder)
         patches = np.stack([load_image_patch(p, encoder.input_size, what="example image")[0] for p in params.images])
         from pathlib import Path
@@ -105,8 +107,12 @@ def run_similar(params: SimilarParams, out_raster: str | None = None, out_cells:
     from .search import SearchParams, run_search
 
     source = EmbeddingRaster.open(params.embeddings)
+    if params.images and encoder is None:  # loaded once: it encodes the examples and checks the raster
+        from .runtime import load_runtime
+
+        encoder = load_runtime(params.model or source.facts.model_path or None, params.runtime, params.device)
     names, emb, patches = example_embeddings(source, params, encoder)
     sp = SearchParams(raster=None, references=None, embeddings=params.embeddings, examples=(names, emb, patches),
-                      aggregate=params.aggregate, max_nodata=params.max_nodata, device=params.device,
-                      top_k=params.top_k)
+                      aggregate=params.aggregate, max_nodata=params.max_nodata, model=params.model,
+                      device=params.device, top_k=params.top_k, runtime=params.runtime)
     return run_search(sp, out_raster, out_cells, feedback, encoder)

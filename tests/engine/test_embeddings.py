@@ -300,3 +300,60 @@ class TestCompare:
         assert main(base[:4] + [str(far)] + base[5:] + ["--name-field", "name"]) == 1
         assert "'Sahara' does not overlap" in capsys.readouterr().err
         assert not (tmp_path / "x.csv").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+class TestReopening:
+    """Embedding rasters reopen wherever and however they were made (review findings)."""
+
+    def test_a_geographic_raster_and_an_irregular_area_reopen_with_their_grid(self, geographic_raster, utm_raster,
+                                                                           tiny_model, tmp_path):
+        from shapely.geometry import Polygon
+
+        from siamese_analog_plugin.engine.grid import Area
+
+        made = run_embed_area(EmbedParams(geographic_raster, cell_size_m=300, stride_m=170, model=tiny_model,
+                                          device="cpu"), str(tmp_path / "geo.tif"))
+        again = EmbeddingRaster.open(tmp_path / "geo.tif").grid
+        assert (again.n_rows, again.n_cols, len(again)) == (made.grid.n_rows, made.grid.n_cols, len(made.grid))
+        assert np.array_equal(again.lon, made.grid.lon) and again.cell_w == made.grid.cell_w
+        # A quadrilateral whose left corner lies in the margin no cell reaches.
+        quad = Area(Polygon([(499000, 8500), (501500, 9950), (501900, 8100), (500100, 8050)]), "EPSG:32633")
+        made = run_embed_area(EmbedParams(utm_raster, area=quad, cell_size_m=150, model=tiny_model, device="cpu"),
+                              str(tmp_path / "quad.tif"))
+        again = EmbeddingRaster.open(tmp_path / "quad.tif").grid
+        assert len(again) == len(made.grid) and (again.origin_x, again.origin_y) == (made.grid.origin_x,
+                                                                                     made.grid.origin_y)
+        assert np.array_equal(again.coverage, made.grid.coverage)
+
+    def test_a_relative_model_path_is_kept_whole(self, area, tiny_model, tmp_path, monkeypatch):
+        import shutil
+
+        shutil.copy(tiny_model, tmp_path / "tiny.pt")
+        monkeypatch.chdir(tmp_path)
+        run_embed_area(EmbedParams(area, cell_size_m=1000, model="tiny.pt", device="cpu"), "emb.tif")
+        assert EmbeddingRaster.open("emb.tif").facts.model_path == str(tmp_path / "tiny.pt")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        result = run_similar(SimilarParams(str(tmp_path / "emb.tif"), cells=[10], device="cpu"))
+        assert result.scored.sum() > 5
+
+    def test_mixed_precision_is_in_the_key_not_in_the_model(self, embedded):
+        from dataclasses import replace
+
+        facts = EmbeddingRaster.open(embedded).facts
+        amp = replace(facts, precision="amp-bfloat16")
+        assert amp.key() != facts.key() and amp.model == facts.model  # a query's model check still passes
+
+    def test_a_looser_nodata_limit_than_the_embeddings_is_refused(self, embedded):
+        with pytest.raises(InputError, match="at most 50% nodata, not 80%"):
+            run_search(SearchParams(None, str(SAMPLE_REFERENCE), embeddings=embedded, max_nodata=0.8, device="cpu"))
+        with pytest.raises(InputError, match="at most 50% nodata"):
+            run_similar(SimilarParams(embedded, cells=[40], max_nodata=0.8, device="cpu"))
+
+    def test_similar_checks_its_output_formats(self, embedded, tmp_path, capsys):
+        code = main(["similar", "--embeddings", embedded, "--cells", "40", "--out-raster", str(tmp_path / "s.tif"),
+                     "--out-cells", str(tmp_path / "s.shp")])
+        err = capsys.readouterr().err
+        assert code == 1 and "GeoPackage" in err and err.count("\n") == 1
+        assert not (tmp_path / "s.shp").exists() and not (tmp_path / "s.tif").exists()
