@@ -338,6 +338,14 @@ class EmbeddingRaster:
                                  f"Leave the {what} out (it comes from the embedding raster), or embed the area "
                                  f"again at {asked:g} m")
 
+    def check_band(self, band: int | None) -> None:
+        """Refuse a band other than the one the embeddings were made from (``None``: no band asked)."""
+        if band is not None and band != self.facts.band:
+            made = "the luminance of RGB (or band 1)" if self.facts.band is None else f"band {self.facts.band}"
+            raise InputError(f"The embedding raster '{self.path}' was made from {made}, not band {band}",
+                             "Leave the band out (it comes from the embedding raster), or embed the area again "
+                             "from that band")
+
     def check_nodata(self, min_valid: float) -> None:
         """Refuse a query that needs cells more nodata than the embedding raster encoded: those
         cells were never embedded, so they would silently be missing."""

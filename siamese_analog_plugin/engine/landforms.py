@@ -145,6 +145,7 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
             raise InputError("An embedding raster fixes the area: an area cannot be given with it",
                              "Leave the area out, or embed the new area with 'embed-area'")
         source.check_nodata(1.0 - params.max_nodata)
+        source.check_band(params.band)
     info = describe_raster(params.raster)
     encoder = encoder or load_runtime(params.model or (source.facts.model_path if source else None) or None,
                                       params.runtime, params.device)

@@ -502,6 +502,7 @@ def run_search(params: SearchParams, out_raster: str | None = None, out_cells: s
             raise InputError("An embedding raster fixes the area: an area cannot be given with it",
                              "Leave the area out, or embed the new area with 'embed-area'")
         source.check_nodata(1.0 - params.max_nodata)
+        source.check_band(params.band)
         raster = source.facts.raster
     else:
         raster = params.raster

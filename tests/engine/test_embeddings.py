@@ -112,6 +112,8 @@ class TestEmbeddingRaster:
             run_search(SearchParams(other, **base))
         with pytest.raises(InputError, match="cell size of 1000 m, not 2000 m"):
             run_search(SearchParams(None, cell_size_m=2000, **base))
+        with pytest.raises(InputError, match="made from the luminance of RGB .*, not band 2"):
+            run_search(SearchParams(None, band=2, **base))
         from siamese_analog_plugin.engine.encoder import ModelMetadata, build_network, save_model
 
         net = build_network("compact", 100, embedding_dim=8, widths=(4, 8), pooling="meanstd")
