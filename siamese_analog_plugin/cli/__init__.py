@@ -15,7 +15,15 @@ from pathlib import Path
 
 from .. import __version__
 from ..engine.errors import AnalogFinderError
-from .options import OneLineParser, fraction, non_negative_int, positive_float, positive_int, share_below_one
+from .options import (
+    OneLineParser,
+    add_model_args,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    share_below_one,
+)
 
 # Every command of the command line, in the order ``--help`` lists them: (module of this
 # package, function that adds its parser(s)). "" is this module.
@@ -34,16 +42,6 @@ COMMANDS = (
     ("learning", "register_export"),
     ("bench", "register"),
 )
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="cells encoded together (default: 128)")
-    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
-                   help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (onnx when "
-                        "onnxruntime and an .onnx model are there, else torch; default)")
 
 
 def _search_parser(sub) -> None:
@@ -72,7 +70,7 @@ def _search_parser(sub) -> None:
                    help="metres per pixel of references that are not georeferenced")
     p.add_argument("--aggregate", choices=("nearest", "mean"), default="nearest",
                    help="with several references: distance to the nearest one or to their mean")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--max-cells", type=positive_int, default=1_000_000, help="refuse larger grids unless --force")
     p.add_argument("--force", action="store_true", help="run even when the cell count is above --max-cells")
     p.add_argument("--out-raster", required=True, help="dissimilarity GeoTIFF to write")
@@ -175,7 +173,7 @@ def _embed_parser(sub) -> None:
                                    "(relative to DIR, forward slashes) and 'embeddings' (N x D) to an .npz file.")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help=".npz file to write")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_embed)
 

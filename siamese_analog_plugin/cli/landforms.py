@@ -16,17 +16,7 @@ from ..engine.outputs import atomic_outputs, check_destination
 from ..engine.support import read_labelled_features
 from ..learning.fewshot_eval import HIRISE_CLASSES, evaluate_fewshot, parse_transfer_models, results_table
 from ..learning.splits import HeldOutSplit
-from .options import fraction, non_negative_int, positive_float, positive_int, share_below_one
-
-
-def _model_args(p) -> None:
-    p.add_argument("--model", default=None,
-                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="patches encoded together (default: 128)")
-    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
-                   help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (onnx when "
-                        "onnxruntime and an .onnx model are there, else torch; default)")
+from .options import add_model_args, fraction, non_negative_int, positive_float, positive_int, share_below_one
 
 
 def cmd_fewshot(args) -> int:
@@ -135,7 +125,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--scale", type=positive_float, default=None, help=f"logit scale for the confidence (default "
                                                              f"{DEFAULT_SCALE:g} or the model's)")
-    _model_args(p)
+    add_model_args(p, "patches")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fewshot)
 
@@ -159,7 +149,7 @@ def register(sub) -> None:
     p.add_argument("--max-nodata", type=share_below_one, default=0.5)
     p.add_argument("--band", type=positive_int)
     p.add_argument("--scale", type=positive_float, default=None, help="logit scale for the confidence")
-    _model_args(p)
+    add_model_args(p, "patches")
     p.add_argument("--max-cells", type=positive_int, default=1_000_000)
     p.add_argument("--force", action="store_true")
     p.add_argument("--out-raster", required=True, help="class GeoTIFF to write")

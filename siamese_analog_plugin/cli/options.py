@@ -10,6 +10,7 @@ import argparse
 import math
 
 __all__ = [
+    "add_model_args",
     "OneLineParser",
     "positive_int",
     "non_negative_int",
@@ -91,3 +92,14 @@ def share_below_one(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{value:g} is not allowed: give a share from 0 up to (not including) 1")
     return value
 
+
+def add_model_args(p, what: str = "cells") -> None:
+    """The encoder's options, the same on every command that encodes: --model, --device,
+    --batch-size (``what`` are encoded together) and --runtime."""
+    p.add_argument("--model", default=None,
+                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help=f"{what} encoded together (default: 128)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
+                   help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (onnx when "
+                        "onnxruntime and an .onnx model are there, else torch; default)")

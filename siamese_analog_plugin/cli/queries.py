@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..engine.errors import InputError
 from ..engine.feedback import ConsoleFeedback
-from .options import fraction, non_negative_int, positive_float, positive_int, share_below_one
+from .options import add_model_args, fraction, non_negative_int, positive_float, positive_int, share_below_one
 
 
 def _grid_args(p, cell_help: str) -> None:
@@ -22,15 +22,6 @@ def _grid_args(p, cell_help: str) -> None:
     p.add_argument("--force", action="store_true", help="run even when the cell count is above --max-cells")
 
 
-def _model_args(p) -> None:
-    p.add_argument("--model", default=None,
-                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="cells encoded together (default: 128)")
-    p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),
-                   help="inference runtime: onnx (ONNX Runtime, .onnx model), torch (.pt model) or auto (default)")
-
-
 # -- embed-area ----------------------------------------------------------------------------------
 def register_embed_area(sub) -> None:
     p = sub.add_parser("embed-area", help="embed an area's cells once into an embedding raster",
@@ -40,7 +31,7 @@ def register_embed_area(sub) -> None:
                                    "fewshot-map --embeddings then answer from it without encoding again.")
     p.add_argument("--raster", required=True, help="imagery (GeoTIFF or any georeferenced GDAL raster)")
     _grid_args(p, "cell side in metres (default: 100 raster pixels)")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--out", required=True, help="embedding raster to write (.tif)")
     p.add_argument("--scheduler", help="embed the cells on Dask: local[:N], tcp://HOST:PORT or a scheduler file "
                                        "(default: this process; see docs/distributed.md)")
@@ -141,7 +132,7 @@ def register_compare(sub) -> None:
     p.add_argument("--band", type=positive_int, help="raster band to use")
     p.add_argument("--reference-resolution", type=positive_float,
                    help="metres per pixel of non-georeferenced references")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--max-cells", type=positive_int, default=1_000_000, help="refuse larger grids unless --force")
     p.add_argument("--force", action="store_true")
     p.add_argument("--out-csv", required=True, help="the table to write (.csv)")
