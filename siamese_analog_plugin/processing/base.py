@@ -293,6 +293,40 @@ class AnalogAlgorithm(QgsProcessingAlgorithm):
         return QgsProcessingParameterFile(name, description, optional=True,
                                           fileFilter=self.tr("Model files (*.onnx *.pt)"))
 
+    def _grid_parameter(self, name: str, label: str | None = None):
+        """The one definition of a grid or encoder parameter every algorithm shares (STRIDE,
+        MIN_COVERAGE, MAX_NODATA, BAND, BATCH_SIZE, ALLOW_LARGE): same type, default, range and short
+        label (``label`` replaces the label where the algorithm words it for itself)."""
+        from qgis.core import (
+            QgsProcessingParameterBoolean,
+            QgsProcessingParameterDistance,
+            QgsProcessingParameterNumber,
+            QgsUnitTypes,
+        )
+
+        number, double, integer = QgsProcessingParameterNumber, QgsProcessingParameterNumber.Double, \
+            QgsProcessingParameterNumber.Integer
+        if name == "STRIDE":
+            param = QgsProcessingParameterDistance(name, self.tr(label or "Stride (m)"), defaultValue=None,
+                                                   optional=True, minValue=0.0)
+            param.setDefaultUnit(QgsUnitTypes.DistanceMeters)
+            return param
+        if name == "ALLOW_LARGE":
+            return QgsProcessingParameterBoolean(name, self.tr(label or "Allow grids of over a million cells"),
+                                                 defaultValue=False)
+        args = {"MIN_COVERAGE": ("Min. cell share inside area", double, 0.5, {"minValue": 0.01, "maxValue": 1.0}),
+                "MAX_NODATA": ("Max. nodata share of a cell", double, 0.5, {"minValue": 0.0, "maxValue": 0.99}),
+                "BAND": ("Band", integer, None, {"optional": True, "minValue": 1}),
+                "BATCH_SIZE": ("Cells encoded together (batch size)", integer, 128,
+                               {"minValue": 1, "maxValue": 65536})}[name]
+        return number(name, self.tr(label or args[0]), args[1], args[2], **args[3])
+
+    def _add_advanced(self, params) -> None:
+        """Add parameters under the dialog's *Advanced parameters*."""
+        for param in params:
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(param)
+
     def _runtime_parameter(self, name: str = "RUNTIME") -> QgsProcessingParameterEnum:
         """The inference runtime (advanced): auto (ONNX Runtime when it is installed and the model has an
         .onnx file, else torch), ONNX Runtime or torch. Short choices: a long one widens the dialog

@@ -10,8 +10,6 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
-    QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterDistance,
     QgsProcessingParameterField,
     QgsProcessingParameterFileDestination,
@@ -129,30 +127,20 @@ resolution of references that are not georeferenced.</p>"""
         self.addParameter(cell)
         self.addParameter(self._model_parameter(
             self.MODEL, self.tr("Model file")))
-        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride (m)"),
-                                                defaultValue=None, optional=True, minValue=0.0)
-        stride.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         advanced = [
-            stride,
-            QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Min. cell share inside regions"),
-                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
-            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Max. nodata share of a cell"),
-                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
-            QgsProcessingParameterNumber(self.BAND, self.tr("Band"),
-                                         QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
+            self._grid_parameter(self.STRIDE),
+            self._grid_parameter(self.MIN_COVERAGE, "Min. cell share inside regions"),
+            self._grid_parameter(self.MAX_NODATA),
+            self._grid_parameter(self.BAND),
             QgsProcessingParameterNumber(self.REFERENCE_RESOLUTION,
                                          self.tr("Reference resolution (m/pixel)"),
                                          QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
             device_parameter(self.DEVICE, self.tr("Device")),
-            QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
-                                         QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
-            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow grids of over a million cells"),
-                                          defaultValue=False),
+            self._grid_parameter(self.BATCH_SIZE),
+            self._grid_parameter(self.ALLOW_LARGE),
             self._runtime_parameter(self.RUNTIME),
         ]
-        for param in advanced:
-            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(param)
+        self._add_advanced(advanced)
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_CSV, self.tr("Table (CSV)"), self.tr("CSV files (*.csv)")))
         self.addParameter(QgsProcessingParameterFileDestination(

@@ -17,8 +17,6 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
-    QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterField,
     QgsProcessingParameterFile,
@@ -161,9 +159,8 @@ Cancelling leaves no partial files.</p>
 cells are classified without encoding them again.</p>
 <h3>Advanced parameters</h3>
 <p><b>Stride (m)</b>: distance between cells (empty: the cell size, no overlap). <b>Max. nodata share of a
-cell</b>: cells with more nodata are skipped (default 0.5). <b>Band</b>: the raster band to use (empty: the
-luminance of RGB, or band 1). <b>Inference runtime</b>: auto (ONNX Runtime when it is installed and the model
-has an .onnx file, else torch), ONNX Runtime or torch.</p>"""
+cell</b>: cells with more nodata are skipped (default 0.5). <b>Inference runtime</b>: auto (ONNX Runtime
+when it is installed and the model has an .onnx file, else torch), ONNX Runtime or torch.</p>"""
 
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Imagery to map")))
@@ -187,22 +184,15 @@ has an .onnx file, else torch), ONNX Runtime or torch.</p>"""
             self.EMBEDDINGS, self.tr("Embedding raster"),
             optional=True))
         advanced = [
-            QgsProcessingParameterNumber(self.STRIDE, self.tr("Stride (m)"),
-                                         QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
-            QgsProcessingParameterNumber(self.MIN_COVERAGE, self.tr("Minimum share of a cell inside the area"),
-                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0),
-            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Skip cells with more nodata than"),
-                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
+            self._grid_parameter(self.STRIDE),
+            self._grid_parameter(self.MIN_COVERAGE),
+            self._grid_parameter(self.MAX_NODATA),
             device_parameter(self.DEVICE, self.tr("Device")),
-            QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together"),
-                                         QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
-            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow grids of over a million cells"),
-                                          defaultValue=False),
+            self._grid_parameter(self.BATCH_SIZE),
+            self._grid_parameter(self.ALLOW_LARGE),
             self._runtime_parameter(self.RUNTIME),
         ]
-        for param in advanced:
-            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(param)
+        self._add_advanced(advanced)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_RASTER, self.tr("Landform classes")))
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT_CELLS, self.tr("Landform cells"), QgsProcessing.TypeVectorPolygon))

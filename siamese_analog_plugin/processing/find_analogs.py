@@ -13,7 +13,6 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingOutputVectorLayer,
-    QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterDistance,
     QgsProcessingParameterEnum,
@@ -186,22 +185,14 @@ the imagery.</p>"""
                                               defaultValue=None, optional=True, minValue=0.0)
         cell.setDefaultUnit(QgsUnitTypes.DistanceMeters)
         self.addParameter(cell)
-        stride = QgsProcessingParameterDistance(self.STRIDE, self.tr("Stride (m)"),
-                                                defaultValue=None, optional=True, minValue=0.0)
-        stride.setDefaultUnit(QgsUnitTypes.DistanceMeters)
-        self.addParameter(stride)
-        self.addParameter(QgsProcessingParameterNumber(
-            self.MIN_COVERAGE, self.tr("Min. cell share inside area"),
-            QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=1.0))
+        self.addParameter(self._grid_parameter(self.STRIDE))
+        self.addParameter(self._grid_parameter(self.MIN_COVERAGE))
         self.addParameter(self._model_parameter(self.MODEL, self.tr("Model file")))
         self.addParameter(device_parameter(self.DEVICE, self.tr("Device")))
         advanced = [
-            QgsProcessingParameterNumber(self.BATCH_SIZE, self.tr("Cells encoded together (batch size)"),
-                                         QgsProcessingParameterNumber.Integer, 128, minValue=1, maxValue=65536),
-            QgsProcessingParameterNumber(self.MAX_NODATA, self.tr("Max. nodata share of a cell"),
-                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.0, maxValue=0.99),
-            QgsProcessingParameterNumber(self.BAND, self.tr("Band"),
-                                         QgsProcessingParameterNumber.Integer, None, optional=True, minValue=1),
+            self._grid_parameter(self.BATCH_SIZE),
+            self._grid_parameter(self.MAX_NODATA),
+            self._grid_parameter(self.BAND),
             QgsProcessingParameterNumber(self.REFERENCE_RESOLUTION,
                                          self.tr("Reference resolution (m/pixel)"),
                                          QgsProcessingParameterNumber.Double, None, optional=True, minValue=0.0),
@@ -209,15 +200,12 @@ the imagery.</p>"""
                                        [self.tr("the nearest reference"), self.tr("their mean")], defaultValue=0),
             QgsProcessingParameterNumber(self.TOP_K, self.tr("Number of best sites to list"),
                                          QgsProcessingParameterNumber.Integer, 10, minValue=1, maxValue=10000),
-            QgsProcessingParameterBoolean(self.ALLOW_LARGE, self.tr("Allow grids of over a million cells"),
-                                          defaultValue=False),
+            self._grid_parameter(self.ALLOW_LARGE),
             self._runtime_parameter(self.RUNTIME),
             QgsProcessingParameterString(
                 self.SCHEDULER, self.tr("Dask scheduler"), defaultValue="", optional=True),
         ]
-        for param in advanced:
-            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(param)
+        self._add_advanced(advanced)
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.OUTPUT_RASTER, self.tr("Dissimilarity raster (low = more Mars-like)")))
         self.addParameter(QgsProcessingParameterVectorDestination(
