@@ -670,10 +670,7 @@ def query_embedding_raster(source: EmbeddingRaster, score, min_valid: float, con
         check_cancelled(feedback)
         ok = np.isfinite(emb[:, 0]) & (valid >= min_valid - tol)
         e = emb if ok.all() else emb.T[:, ok].T  # stays band-first (see queries.distances_to)
-        scored = score(e) if (score is not None and len(e)) else None
-        if score is not None and scored is None:
-            scored = {}
-        consume(idx, valid, ok, e, scored if len(e) else None)
+        consume(idx, valid, ok, e, score(e) if score is not None and len(e) else None)
         stop = int(idx[-1]) + 1
         feedback.progress(stop / n, f"{stop:,}/{n:,} cells (embeddings)")
     return time.perf_counter() - t
