@@ -13,7 +13,7 @@ from ..engine.errors import InputError
 from ..engine.feedback import ConsoleFeedback
 from ..learning.datasets import default_cache_dir, default_data_root, discover_dataset, split_by_scene
 from ..learning.evaluation import evaluate_model, format_table
-from ..learning.leakfree import evaluate_leakfree, format_leakfree_table
+from ..learning.leakfree import SITE_ROWS, evaluate_leakfree, format_leakfree_table
 from ..learning.pretrain import PretrainConfig, pretrain
 from ..learning.splits import HeldOutSplit
 from ..learning.training import DEFAULT_OUT, TrainConfig, train
@@ -30,8 +30,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         embedding_dim=args.embedding_dim, test_fraction=args.test_fraction, schedule=args.schedule,
         cache_dir=None if args.no_cache else args.cache_dir, threads=args.threads,
         class_loss=args.class_loss, class_scale=args.class_scale, class_targets=args.class_targets,
-        arch_params={"pooling": args.pooling} if args.pooling else {},
-        split=args.split, init=args.init or None)
+        arch_params={**({"pooling": args.pooling} if args.pooling else {}),
+                     **({"widths": list(args.widths)} if args.widths else {})},
+        split=args.split, init=args.init or None, dune_train_sites=tuple(args.dune_sites))
+    if args.dune_sites and args.split != "leakfree":
+        raise InputError("--dune-sites only applies to the leak-free split", "Add --split leakfree")
     train(config, ConsoleFeedback(quiet=args.quiet))
     return 0
 
@@ -69,6 +72,9 @@ def register_train(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=d.threads, help="CPU threads for torch")
     p.add_argument("--pooling", choices=("meanstd", "center"), default=None,
                    help="compact network pooling (default: the architecture default)")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=None, metavar="N",
+                   help="compact trunk: filters of each conv layer, 2x2 max-pooling between them "
+                        "(default 16 32 64 128)")
     p.add_argument("--class-loss", type=non_negative_float, default=d.class_loss,
                    help="weight of the auxiliary cosine-proxy class loss (0: contrastive only)")
     p.add_argument("--class-scale", type=positive_float, default=d.class_scale, help="logit scale of the class loss")
@@ -76,6 +82,9 @@ def register_train(subparsers) -> None:
                    help="groups scored by the class loss: all, or only those without a cross-group analog")
     p.add_argument("--split", choices=("legacy", "leakfree"), default=d.split,
                    help="leakfree: train/val/test with no ground on two sides (learning/leakfree.py); legacy: 9:1")
+    p.add_argument("--dune-sites", nargs="+", default=[], metavar="SITE",
+                   help="with --split leakfree: Earth dune-field sites to train on (all = every site); the others "
+                        "stay test folds. One model per left-out site gives the leave-one-site-out estimate")
     p.add_argument("--init", default="", help="model file whose weights start the run (a pretrain output)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
@@ -107,6 +116,9 @@ def _leakfree_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="more model files scored in the same run")
     p.add_argument("--fewshot-method", choices=("prototype", "knn"), default="prototype",
                    help="5-shot classifier (default %(default)s, as the fewshot command)")
+    p.add_argument("--folds", nargs="*", default=None, metavar="FILE",
+                   help="leave-one-site-out models: each dune site's rows are scored with the one that never saw "
+                        "it (default for the shipped model: models/folds/*.pt; none: --folds with no file)")
     p.add_argument("--legacy", action="store_true",
                    help="the old protocol instead: the model's own 9:1 held-out split (leaks dune ground)")
 
@@ -121,17 +133,30 @@ def _cmd_evaluate_leakfree(args: argparse.Namespace) -> int:
         if not path:
             raise InputError(f"'{item}' is not LABEL=FILE", "Write e.g. --compare new=models/new.pt")
         models[label] = path
+    folds = args.folds
+    if folds is None:  # the shipped model comes with its fold models
+        from ..engine.encoder import default_model_path
+
+        folds = sorted(str(f) for f in (default_model_path().parent / "folds").glob("*.pt")) if not args.model else []
     t = time.perf_counter()
     report = evaluate_leakfree(models, args.data, args.part, args.seed if args.seed is not None else 0,
                                untrained=not args.no_baselines, texture=not args.no_baselines, draws=args.draws,
                                cache_dir=None if args.no_cache else args.cache_dir,
                                device="cpu" if args.device == "auto" else args.device, feedback=fb,
-                               fewshot_method=args.fewshot_method)
+                               fewshot_method=args.fewshot_method, folds=folds)
     info = report["info"]
     print(f"\nLeak-free {info['part']} split (seed {info['seed']}): {info['images']} images, "
           f"{info['hirise_observations']} HiRISE observations, dune sites {info['sites'] or 'none (val: AID Desert)'}"
           f" ({time.perf_counter() - t:.0f} s)")
+    if info["folds"]:
+        print("site rows of 'model' from fold models that never saw the site: "
+              + ", ".join(f"{s} <- {Path(f).name}" for s, f in info["folds"].items()))
     print(format_leakfree_table(report))
+    first = report["columns"].get("model", {})
+    for row in SITE_ROWS:
+        per = first.get(row, {}).get("folds")
+        if per:
+            print(f"  {row} per site: " + ", ".join(f"{s} {v:.3f}" for s, v in per.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=float))
         print(f"wrote {args.json}")

@@ -58,6 +58,7 @@ __all__ = [
     "leakfree_roles",
     "leakfree_split_record",
     "site_of",
+    "resolve_dune_sites",
     "Bench",
     "build_bench",
     "score_bench",
@@ -65,8 +66,11 @@ __all__ = [
     "evaluate_leakfree",
     "format_leakfree_table",
     "validation_score",
+    "sites_seen",
+    "merge_site_folds",
 ]
 
+SITE_ROWS = ("mars_dune_to_earth", "earth_dune_to_mars", "mars_sand_to_earth")  # scored per dune site
 ROWS = ("mars_dune_to_earth", "earth_dune_to_mars", "mars_landforms", "aid", "mars_sand_to_earth", "fewshot5",
         "mars_sand_map")
 TARGETS = {"mars_dune_to_earth": 0.70, "earth_dune_to_mars": 0.30, "mars_landforms": 0.60, "aid": 0.60,
@@ -85,6 +89,23 @@ def site_of(record: ImageRecord) -> str:
     if record.source != "dune_field":
         return ""
     return Path(record.path).parent.name
+
+
+def resolve_dune_sites(records: Sequence[ImageRecord], names: Sequence[str]) -> list[str]:
+    """The dune-field site names ``names`` asks for (``all`` = every site), checked against the data.
+
+    Raises:
+        InputError: a name that is not a site folder under ``earth/dune_fields`` (the sites are listed).
+    """
+    sites = sorted({site_of(r) for r in records if r.source == "dune_field"})
+    names = [n for n in names if n]
+    if list(names) == ["all"]:
+        return sites
+    unknown = [n for n in names if n not in sites]
+    if unknown:
+        raise InputError(f"Unknown dune-field site '{unknown[0]}'",
+                         "Use one of " + (", ".join(sites) or "(none found under earth/dune_fields)") + " or all")
+    return sorted(set(names))
 
 
 def leakfree_roles(records: Sequence[ImageRecord], seed: int = 0, val_share: float = VAL_SHARE,
@@ -374,13 +395,79 @@ def _embed_encoder(encoder, patches_u8: np.ndarray) -> np.ndarray:
     return encoder.embed(patches_u8.astype(np.float32) / 255.0)
 
 
+def sites_seen(metadata, all_sites: Sequence[str]) -> list[str]:
+    """The dune-field sites a model was trained on, from its metadata.
+
+    Leak-free models record ``dune_train_sites``. A model of the older 9:1 split trained on the
+    ``*_image`` scene of every site when dune fields were among its sources. A transfer step
+    (``transfer --step 1/2``) saw what its parent saw. When the record cannot tell, every site
+    counts as seen.
+    """
+    import ast
+
+    t = getattr(metadata, "training", metadata) or {}
+    for _ in range(8):  # walk up the transfer steps to the encoder's own training
+        if t.get("protocol") == "leakfree":
+            return sorted(t.get("dune_train_sites", []))
+        if "step" not in t or "parent" not in t:
+            break
+        parent = t["parent"]
+        try:
+            t = parent if isinstance(parent, dict) else ast.literal_eval(parent)
+        except (ValueError, SyntaxError):
+            return sorted(all_sites)
+    data = t.get("data")
+    if not isinstance(data, dict):
+        return sorted(all_sites)
+    return sorted(all_sites) if "dune_field" in data.get("sources", []) else []
+
+
+def merge_site_folds(rows: dict[str, dict], seen: Sequence[str], fold_rows: dict[str, dict[str, dict]],
+                     fold_files: dict[str, str] | None = None) -> dict[str, dict]:
+    """Rows whose per-site values never come from a model that trained on that site.
+
+    ``rows``: a model's scores; per-site values of the sites in ``seen`` are dropped. ``fold_rows``:
+    site -> the scores of a fold model that did not see that site; its value for the site is used.
+    The result's site rows are the mean and std over the sites left (a row with none is dropped).
+    """
+    out = dict(rows)
+    for row in SITE_ROWS:
+        base = rows.get(row)
+        if base is not None and "folds" not in base:
+            continue  # scored without sites (the validation side: AID Desert stands for dune fields)
+        per = {s: v for s, v in (base or {}).get("folds", {}).items() if s not in seen}
+        source = {s: "model" for s in per}
+        for site, frows in fold_rows.items():
+            value = frows.get(row, {}).get("folds", {}).get(site)
+            if value is not None:
+                per[site] = value
+                source[site] = (fold_files or {}).get(site, "fold model")
+        ref = base or next((f[row] for f in fold_rows.values() if row in f), None)
+        if not per or ref is None:
+            out.pop(row, None)
+            continue
+        vals = np.array([per[s] for s in sorted(per)])
+        out[row] = {**ref, "mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals),
+                    "folds": dict(sorted(per.items())), "fold_source": source,
+                    "spread": "std over sites" + (" (unseen-site fold models)" if fold_rows else "")}
+    return out
+
+
 def evaluate_leakfree(models: dict[str, str | None], data_root: str | None = None, part: str = "test",
                       seed: int = 0, untrained: bool = True, texture: bool = True, draws: int = 20,
                       cache_dir: str | None = None, device: str = "cpu", feedback=None,
-                      fewshot_method: str = "prototype", bench: Bench | None = None) -> dict:
+                      fewshot_method: str = "prototype", bench: Bench | None = None,
+                      folds: Sequence[str] = ()) -> dict:
     """Score model files (label -> path, ``None`` = shipped) and the baselines on one split side.
 
+    A model's per-site rows never use a site it trained on (:func:`sites_seen`): those values are
+    dropped, or, for the first model, taken from the ``folds`` model files (leave-one-site-out
+    models: each site is scored with a fold model that never saw it).
+
     Returns ``{"columns": {label: rows}, "info": {...}}``; ``rows`` as :func:`score_bench`.
+
+    Raises:
+        InputError: a fold model that trained on every site, or two fold models for one site.
     """
     import torch
 
@@ -390,14 +477,32 @@ def evaluate_leakfree(models: dict[str, str | None], data_root: str | None = Non
 
     root = Path(data_root or default_data_root())
     bench = bench or build_bench(root, part, 100, seed, (), cache_dir, feedback)
+    all_sites = sorted({s for s in bench.sites if s})
+    fold_rows: dict[str, dict] = {}
+    fold_files: dict[str, str] = {}
+    for path in folds:
+        enc = load_model(path, device)
+        unseen = [s for s in all_sites if s not in sites_seen(enc.metadata, all_sites)]
+        if not unseen and all_sites:
+            raise InputError(f"The fold model '{path}' was trained on every dune-field site",
+                             "Give models trained with --split leakfree --dune-sites leaving one site out")
+        rows = score_bench(_embed_encoder(enc, bench.patches), bench, draws, seed, fewshot_method)
+        for site in unseen:
+            if site in fold_rows:
+                raise InputError(f"Two fold models leave out the site '{site}': {fold_files[site]} and {path}",
+                                 "Give one fold model per left-out site")
+            fold_rows[site], fold_files[site] = rows, str(path)
     columns: dict[str, dict] = {}
     first = None
     for label, path in models.items():
         t = time.perf_counter()
         enc = load_model(path, device)
+        rows = score_bench(_embed_encoder(enc, bench.patches), bench, draws, seed, fewshot_method)
+        seen = sites_seen(enc.metadata, all_sites)
+        columns[label] = merge_site_folds(rows, seen, fold_rows if first is None else {}, fold_files)
+        columns[label]["_file"] = {"path": str(enc.path), "seconds": round(time.perf_counter() - t, 1),
+                                   "sites_seen": seen}
         first = first or enc
-        columns[label] = score_bench(_embed_encoder(enc, bench.patches), bench, draws, seed, fewshot_method)
-        columns[label]["_file"] = {"path": str(enc.path), "seconds": round(time.perf_counter() - t, 1)}
     if untrained and first is not None:
         torch.manual_seed(seed)
         meta = first.metadata
@@ -412,7 +517,7 @@ def evaluate_leakfree(models: dict[str, str | None], data_root: str | None = Non
     for gname in bench.groups:
         counts[gname] = counts.get(gname, 0) + 1
     info = {"part": part, "seed": seed, "images": len(bench), "counts": dict(sorted(counts.items())),
-            "sites": sorted({s for s in bench.sites if s}),
+            "sites": all_sites, "folds": fold_files,
             "hirise_observations": int(len({s for s, src in zip(bench.scenes, bench.sources) if src == "hirise"}))}
     return {"columns": columns, "info": info}
 

@@ -114,6 +114,9 @@ class TrainConfig:
     # the run (a pre-trained encoder of learning/pretrain.py).
     split: str = "legacy"
     init: str | None = None
+    # With split="leakfree": the Earth dune-field sites trained on (both scenes of each); every other
+    # site stays on the test side. () = none (every site a test fold); ("all",) = every site.
+    dune_train_sites: tuple = ()
 
 
 # -- loss ----------------------------------------------------------------------------------------
@@ -265,9 +268,11 @@ def train(config: TrainConfig, feedback=None) -> dict:
 
     dataset = discover_dataset(config.data)
     if config.split == "leakfree":
-        from .leakfree import leakfree_roles
+        from .leakfree import leakfree_roles, resolve_dune_sites
 
-        roles = leakfree_roles(dataset.records, config.seed)
+        sites = resolve_dune_sites(dataset.records, config.dune_train_sites)
+        roles = leakfree_roles(dataset.records, config.seed, dune_train_sites=sites)
+        fb.log("dune-field sites trained on: " + (", ".join(sites) or "none (all are test folds)"))
         full_dataset, full_roles = dataset, roles
         dataset = type(dataset)(dataset.root, [r for r, ro in zip(dataset.records, roles) if ro != "test"],
                                 dataset.layout)
@@ -381,7 +386,7 @@ def train(config: TrainConfig, feedback=None) -> dict:
     if config.split == "leakfree":
         from .leakfree import leakfree_split_record
 
-        split = leakfree_split_record(full_dataset, full_roles, config.seed)
+        split = leakfree_split_record(full_dataset, full_roles, config.seed, sites)
     trained_on = sorted({r.source for r in train_records})
     meta = ModelMetadata(
         architecture=config.arch, input_size=config.input_size, embedding_dim=dim, arch_params=params,
@@ -403,7 +408,9 @@ def train(config: TrainConfig, feedback=None) -> dict:
             "split": ("leak-free train/val/test: HiRISE by observation, AID per image, dune fields by site, "
                       "aeolian patches test only" if config.split == "leakfree" else
                       "whole scenes held out: HiRISE observation ids, AID images, dune-field *_test scenes"),
-            "protocol": config.split, **({"init": Path(config.init).name} if config.init else {}),
+            "protocol": config.split,
+            **({"dune_train_sites": list(sites)} if config.split == "leakfree" else {}),
+            **({"init": Path(config.init).name} if config.init else {}),
             "held_out_sha256": split["held_out_sha256"],
             "threshold": round(float(metrics.get("threshold", config.margin / 2)), 4),
             "held_out_metrics": {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_chance")},

@@ -4,6 +4,7 @@ on a tiny project-layout data folder made here."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,138 @@ def test_evaluate_command_prints_the_leak_free_table(project, tiny_model, tmp_pa
     report = json.loads(out.read_text())
     assert set(report["columns"]) == {"model", "untrained", "texture"}
     assert report["columns"]["model"]["mars_dune_to_earth"]["n"] == 3  # one fold per dune site
+
+
+# -- leave-one-site-out: models trained with some dune sites, scored only on the others ------------
+
+def _tiny_leakfree(project, out, sites):
+    from siamese_analog_plugin.learning.training import TrainConfig, train
+
+    train(TrainConfig(data=str(project), epochs=1, batch_size=8, pairs_per_epoch=16, cache_size=40, embedding_dim=8,
+                      arch_params={"widths": [4, 8, 8, 8]}, out=str(out), threads=1, eval_pairs=32,
+                      split="leakfree", dune_train_sites=tuple(sites), cache_dir=None))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def site_models(project, tmp_path_factory):
+    """A model trained with every dune site, and a fold model that never saw Alpha."""
+    d = tmp_path_factory.mktemp("sites")
+    return {"all": _tiny_leakfree(project, d / "all.pt", ["all"]),
+            "no_alpha": _tiny_leakfree(project, d / "no_alpha.pt", ["Beta", "Gamma"])}
+
+
+class TestLeaveOneSiteOut:
+    def test_site_names_are_checked(self, project):
+        from siamese_analog_plugin.engine.errors import InputError
+        from siamese_analog_plugin.learning.leakfree import resolve_dune_sites
+
+        records = discover_dataset(project).records
+        assert resolve_dune_sites(records, ["all"]) == ["Alpha", "Beta", "Gamma"]
+        assert resolve_dune_sites(records, ["Gamma", "Beta"]) == ["Beta", "Gamma"]
+        assert resolve_dune_sites(records, []) == []
+        with pytest.raises(InputError, match="Unknown dune-field site 'Delta'.*Alpha, Beta, Gamma"):
+            resolve_dune_sites(records, ["Delta"])
+
+    def test_training_with_sites_keeps_the_others_out(self, project, site_models):
+        enc = load_model(site_models["no_alpha"], "cpu")
+        assert enc.metadata.training["dune_train_sites"] == ["Beta", "Gamma"]
+        split = json.loads(Path(site_models["no_alpha"]).with_suffix(".split.json").read_text())
+        assert split["dune_sites"] == {"train": ["Beta", "Gamma"], "test": ["Alpha"]}
+        counts = enc.metadata.training["data"]["counts"]["earth:dune_field"]
+        assert counts["train"] > 0 and counts["test"] > 0 and counts["val"] == 0
+        assert load_model(site_models["all"], "cpu").metadata.training["dune_train_sites"] == ["Alpha", "Beta",
+                                                                                                 "Gamma"]
+
+    def test_sites_a_model_saw_never_score_it(self, project, site_models):
+        from siamese_analog_plugin.learning.leakfree import evaluate_leakfree
+
+        bench = build_bench(project, "test", size=100)
+        report = evaluate_leakfree({"all": site_models["all"], "no_alpha": site_models["no_alpha"]}, str(project),
+                                   draws=2, bench=bench, untrained=False, texture=False)
+        # The all-sites model has no leak-free site row; the fold model is scored on Alpha alone.
+        assert not any(r in report["columns"]["all"] for r in ("mars_dune_to_earth", "earth_dune_to_mars"))
+        assert "aid" in report["columns"]["all"] and "mars_landforms" in report["columns"]["all"]
+        assert list(report["columns"]["no_alpha"]["earth_dune_to_mars"]["folds"]) == ["Alpha"]
+
+    def test_fold_models_fill_the_site_rows(self, project, site_models):
+        from siamese_analog_plugin.learning.leakfree import evaluate_leakfree
+
+        bench = build_bench(project, "test", size=100)
+        alone = evaluate_leakfree({"f": site_models["no_alpha"]}, str(project), draws=2, bench=bench,
+                                  untrained=False, texture=False)["columns"]["f"]
+        both = evaluate_leakfree({"model": site_models["all"]}, str(project), draws=2, bench=bench,
+                                 untrained=False, texture=False, folds=[site_models["no_alpha"]])
+        row = both["columns"]["model"]["mars_dune_to_earth"]
+        assert row["folds"] == {"Alpha": alone["mars_dune_to_earth"]["folds"]["Alpha"]} and row["n"] == 1
+        assert row["fold_source"] == {"Alpha": site_models["no_alpha"]}
+        assert both["info"]["folds"] == {"Alpha": site_models["no_alpha"]}
+        # Rows without a site stay the model's own.
+        mine = evaluate_leakfree({"m": site_models["all"]}, str(project), draws=2, bench=bench, untrained=False,
+                                 texture=False)["columns"]["m"]
+        assert both["columns"]["model"]["mars_landforms"]["mean"] == mine["mars_landforms"]["mean"]
+        assert np.isfinite(mine["mars_landforms"]["mean"])
+
+    def test_a_fold_model_that_saw_every_site_is_refused(self, project, site_models):
+        from siamese_analog_plugin.engine.errors import InputError
+        from siamese_analog_plugin.learning.leakfree import evaluate_leakfree
+
+        bench = build_bench(project, "test", size=100)
+        with pytest.raises(InputError, match="trained on every dune-field site"):
+            evaluate_leakfree({"model": site_models["all"]}, str(project), bench=bench, draws=2,
+                              folds=[site_models["all"]])
+        with pytest.raises(InputError, match="Two fold models leave out the site 'Alpha'"):
+            evaluate_leakfree({"model": site_models["all"]}, str(project), bench=bench, draws=2,
+                              folds=[site_models["no_alpha"], site_models["no_alpha"]])
+
+    def test_merge_is_mean_and_spread_over_the_unseen_sites(self):
+        from siamese_analog_plugin.learning.leakfree import merge_site_folds
+
+        rows = {"earth_dune_to_mars": {"mean": 0.5, "std": 0.1, "n": 2, "chance": 0.1, "folds": {"A": 0.4, "B": 0.6}},
+                "aid": {"mean": 0.3}}
+        fold = {"A": {"earth_dune_to_mars": {"folds": {"A": 0.2, "B": 0.9}}}}
+        out = merge_site_folds(rows, ["A", "B"], fold)
+        assert out["earth_dune_to_mars"]["folds"] == {"A": 0.2} and out["aid"] == {"mean": 0.3}
+        out = merge_site_folds(rows, ["A"], fold)
+        assert out["earth_dune_to_mars"]["folds"] == {"A": 0.2, "B": 0.6}
+        assert out["earth_dune_to_mars"]["mean"] == pytest.approx(0.4) and out["earth_dune_to_mars"]["std"] == \
+            pytest.approx(0.2)
+        assert "earth_dune_to_mars" not in merge_site_folds(rows, ["A", "B"], {})
+
+
+def test_sites_seen_by_older_models():
+    from types import SimpleNamespace
+
+    from siamese_analog_plugin.learning.leakfree import sites_seen
+
+    legacy = SimpleNamespace(training={"protocol": "legacy", "data": {"sources": ["aid", "dune_field", "hirise"]}})
+    assert sites_seen(legacy, ["B", "A"]) == ["A", "B"]  # the 9:1 split trained on every site's *_image scene
+    assert sites_seen(SimpleNamespace(training={"data": {"sources": ["hirise"]}}), ["A"]) == []
+    assert sites_seen(SimpleNamespace(training={"protocol": "leakfree", "dune_train_sites": ["A"]}), ["A", "B"]) \
+        == ["A"]
+    # A transfer step saw what its parent saw (the parent is kept as a dict's repr); unknown = every site.
+    step1 = {"step": 1, "data": "hirise_landmarks", "parent": repr({"protocol": "leakfree",
+                                                                     "dune_train_sites": ["B"]})}
+    assert sites_seen(SimpleNamespace(training=step1), ["A", "B"]) == ["B"]
+    assert sites_seen(SimpleNamespace(training={**step1, "parent": "<?>"}), ["A", "B"]) == ["A", "B"]
+    assert sites_seen(SimpleNamespace(training={"data": "somewhere"}), ["A"]) == ["A"]
+
+
+def test_train_command_names_dune_sites_only_with_the_leak_free_split(project, tmp_path, capsys):
+    from siamese_analog_plugin.cli import main
+
+    out = tmp_path / "m.pt"
+    rc = main(["train", "--data", str(project), "--dune-sites", "Alpha", "--epochs", "1", "--out", str(out)])
+    assert rc != 0 and not out.exists()
+    assert "--dune-sites only applies to the leak-free split. Add --split leakfree" in capsys.readouterr().err
+    rc = main(["train", "--data", str(project), "--split", "leakfree", "--dune-sites", "Nowhere", "--epochs", "1",
+               "--out", str(out), "--no-cache"])
+    assert rc != 0 and not out.exists()
+    assert "Unknown dune-field site 'Nowhere'" in capsys.readouterr().err
+
+
+def test_rows_without_sites_are_kept_as_they_are():
+    from siamese_analog_plugin.learning.leakfree import merge_site_folds
+
+    rows = {"mars_dune_to_earth": {"mean": 0.4, "std": 0.1, "n": 9, "chance": 0.1}}  # validation side
+    assert merge_site_folds(rows, ["A"], {}) == rows
