@@ -283,7 +283,10 @@ def test_evaluate_command_prints_the_leak_free_table(project, tiny_model, tmp_pa
         assert f"| {row} |" in printed
     report = json.loads(out.read_text())
     assert set(report["columns"]) == {"model", "untrained", "texture"}
-    assert report["columns"]["model"]["mars_dune_to_earth"]["n"] == 3  # one fold per dune site
+    assert report["columns"]["texture"]["mars_dune_to_earth"]["n"] == 3  # one fold per dune site
+    # This model trained on every site (the older 9:1 split): no site may score it.
+    assert report["columns"]["model"]["_file"]["sites_seen"] == ["Alpha", "Beta", "Gamma"]
+    assert "mars_dune_to_earth" not in report["columns"]["model"] and "aid" in report["columns"]["model"]
 
 
 # -- leave-one-site-out: models trained with some dune sites, scored only on the others ------------
