@@ -10,10 +10,10 @@ SAMPLE_REFERENCE = resources/mars/ganges_chasma_dunes_ctx_7m.tif
 SAMPLE_HIRISE    = $(wildcard resources/mars/hirise_*.jpg)
 SAMPLE_REGIONS   = resources/earth/bahamas_regions.geojson
 
-.PHONY: help demo test test-engine test-gui fewshot-eval lint train train-folds train-leakfree evaluate bench bench-distributed package clean
+.PHONY: help demo test test-engine test-gui fewshot-eval lint train train-mars train-folds train-leakfree evaluate bench bench-distributed package clean
 
 help:
-	@echo "make demo | test | test-engine | lint | train | train-folds | train-leakfree | evaluate | bench | bench-distributed | package | clean"
+	@echo "make demo | test | test-engine | lint | train | train-mars | train-folds | train-leakfree | evaluate | bench | bench-distributed | package | clean"
 
 ## The main job on the shipped sample data, embed once, query many: the Bahamas banks are embedded
 ## once (embeddings.tif), then searched for the Ganges Chasma dune field (dissimilarity.tif,
@@ -50,6 +50,12 @@ DATA ?= ../shared/data
 TRAIN_ARGS = --data $(DATA) --split leakfree --epochs 48 --pairs-per-epoch 5120 --seed 0
 train:
 	$(PY) -m siamese_analog_plugin train $(TRAIN_ARGS) --dune-sites all
+
+## The few-shot option for Mars landforms (models/siamese_compact_mars.pt + .onnx): step 1 of the stepwise
+## transfer, the shipped encoder fine-tuned on the HiRISE classes of its own training side (about 1 min).
+train-mars:
+	$(PY) -m siamese_analog_plugin transfer --step 1 --model models/siamese_compact.pt \
+		--data $(DATA)/mars/hirise_landmarks --device cpu --out models/siamese_compact_mars.pt
 
 ## The leave-one-site-out models behind the card's dune-site rows: the same recipe four times, each with
 ## one site left out (models/folds/, about 4 x 15 min). `make evaluate` scores every site with the

@@ -68,6 +68,8 @@ def plan(root: Path = ROOT) -> dict[str, Path]:
         src = root / folder
         if src.is_dir():
             for f in _files(src):
+                if folder == "models" and f.relative_to(src).parts[0] == "folds":
+                    continue  # the leave-one-site-out models only serve the evaluation (make evaluate)
                 entries[f"{PACKAGE}/{folder}/{f.relative_to(src).as_posix()}"] = f
     for extra in ("LICENSE", "README.md", "CHANGELOG.md"):
         if (root / extra).is_file():

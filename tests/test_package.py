@@ -43,6 +43,7 @@ def test_zip_layout(plugin_zip):
         shipped = {p.name for p in (ROOT / "models").glob("*") if p.is_file() and not p.name.endswith(".state.pt")
                    and not p.name.startswith(".")} if (ROOT / "models").is_dir() else set()
         assert {f"{PACKAGE}/models/{n}" for n in shipped} <= names
+        assert not any(n.startswith(f"{PACKAGE}/models/folds/") for n in names)  # evaluation-only models
         metadata = zf.read(f"{PACKAGE}/metadata.txt").decode()
     assert "hasProcessingProvider=yes" in metadata
     assert "qgisMinimumVersion=3.22" in metadata

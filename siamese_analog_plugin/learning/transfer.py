@@ -178,9 +178,18 @@ class TransferResult:
 
 
 def _parent_summary(encoder: AnalogEncoder) -> dict:
+    from ..engine.embeddings import file_sha256
+
     t = encoder.metadata.training or {}
-    return {"path": encoder.path or "", "step": int(t.get("step", 0)), "description": encoder.metadata.description,
-            "data": t.get("data", t.get("dataset", ""))}
+    out = {"path": encoder.path or "", "step": int(t.get("step", 0)), "description": encoder.metadata.description,
+           "data": t.get("data", t.get("dataset", ""))}
+    if encoder.path and Path(encoder.path).is_file():
+        out["sha256"] = file_sha256(encoder.path)
+    # What the evaluation needs to keep the parent's training ground out (learning/leakfree.sites_seen).
+    for key in ("protocol", "dune_train_sites", "parent"):
+        if key in t:
+            out[key] = t[key]
+    return out
 
 
 def _class_weights(labels: np.ndarray, n_classes: int):

@@ -82,6 +82,20 @@ class TestParity:
             "models/siamese_compact.onnx is stale: re-export it from models/siamese_compact.pt"
         assert enc.metadata.to_json() == load_model(SHIPPED_PT, "cpu").metadata.to_json()
 
+    def test_shipped_mars_model_is_step_one_of_the_shipped_encoder(self):
+        """models/siamese_compact_mars.* (transfer step 1 on the HiRISE training side, the few-shot
+        option for Mars landforms) comes from the shipped encoder, and its .onnx from its .pt."""
+        import ast
+
+        pt, onx = REPO / "models" / "siamese_compact_mars.pt", REPO / "models" / "siamese_compact_mars.onnx"
+        enc = load_runtime(onx, "onnx", "cpu")
+        assert enc.properties[ONNX_SOURCE_KEY] == file_sha256(pt), "re-export siamese_compact_mars.onnx"
+        training = load_model(pt, "cpu").metadata.training
+        assert str(training["step"]) == "1" and "models/siamese_compact.split.json" in training["split"]
+        parent, shipped = training["parent"], load_model(SHIPPED_PT, "cpu").metadata.training
+        assert parent["sha256"] == file_sha256(SHIPPED_PT), "retrain it: make train-mars"
+        assert parent["dune_train_sites"] == shipped["dune_train_sites"] and parent["protocol"] == "leakfree"
+
     @pytest.mark.parametrize("which", ["shipped", "tiny"])
     def test_embeddings_agree(self, which, tiny_model, tiny_onnx):
         pt, onx = (SHIPPED_PT, SHIPPED_ONNX) if which == "shipped" else (tiny_model, tiny_onnx)
