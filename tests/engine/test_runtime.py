@@ -85,7 +85,6 @@ class TestParity:
     def test_shipped_mars_model_is_step_one_of_the_shipped_encoder(self):
         """models/siamese_compact_mars.* (transfer step 1 on the HiRISE training side, the few-shot
         option for Mars landforms) comes from the shipped encoder, and its .onnx from its .pt."""
-        import ast
 
         pt, onx = REPO / "models" / "siamese_compact_mars.pt", REPO / "models" / "siamese_compact_mars.onnx"
         enc = load_runtime(onx, "onnx", "cpu")
@@ -264,9 +263,8 @@ class TestThreads:
         # More cores than workers: each worker runs its own session of several threads.
         plan = enc.thread_plan(4, workers=2)
         assert (plan.workers, plan.per_worker) == (2, 2) and "a session each" in plan.describe()
-        from concurrent.futures import ThreadPoolExecutor
-
         import threading
+        from concurrent.futures import ThreadPoolExecutor
 
         x = enc.to_tensor(_patches(8))
         both = threading.Barrier(2, timeout=60)  # each worker takes one task (a busy machine let one take all)
