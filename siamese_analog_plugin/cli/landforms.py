@@ -149,7 +149,8 @@ def register(sub) -> None:
     p.add_argument("--max-nodata", type=share_below_one, default=0.5)
     p.add_argument("--band", type=positive_int)
     p.add_argument("--scale", type=positive_float, default=None, help="logit scale for the confidence")
-    add_model_args(p, "patches")
+    add_model_args(p, "patches", "the shipped model; on a Mars raster the shipped Mars landform model, "
+                                  "models/siamese_compact_mars")
     p.add_argument("--max-cells", type=positive_int, default=1_000_000)
     p.add_argument("--force", action="store_true")
     p.add_argument("--out-raster", required=True, help="class GeoTIFF to write")

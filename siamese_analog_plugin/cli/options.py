@@ -93,11 +93,11 @@ def share_below_one(text: str) -> float:
     return value
 
 
-def add_model_args(p, what: str = "cells") -> None:
+def add_model_args(p, what: str = "cells", default_model: str = "the shipped model") -> None:
     """The encoder's options, the same on every command that encodes: --model, --device,
     --batch-size (``what`` are encoded together) and --runtime."""
     p.add_argument("--model", default=None,
-                   help="model file, .onnx or .pt (default: the shipped model, .onnx for the onnx runtime)")
+                   help=f"model file, .onnx or .pt (default: {default_model}, .onnx for the onnx runtime)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--batch-size", type=positive_int, default=128, help=f"{what} encoded together (default: 128)")
     p.add_argument("--runtime", default="auto", choices=("auto", "onnx", "torch"),

@@ -39,6 +39,21 @@ def to_crs(value: Any) -> CRS:
                          "Give an EPSG code (e.g. EPSG:32618), WKT or a PROJ string") from exc
 
 
+# Mars reference bodies: the IAU 2000 sphere/ellipsoid (3,396,190 m equatorial, 3,376,200 m polar)
+# and the mean-radius spheres (3,389,500-3,390,000 m) that HiRISE, CTX and MOLA products use.
+MARS_RADII_M = (3_370_000.0, 3_400_000.0)
+
+
+def is_mars_crs(value: Any) -> bool:
+    """Whether a CRS (WKT, ``EPSG:...``, pyproj CRS) lies on Mars, judged by its body's radius."""
+    try:
+        crs = to_crs(value)
+        radius = crs.ellipsoid.semi_major_metre if crs.ellipsoid is not None else None
+    except Exception:  # no CRS, or one pyproj cannot read: not known to be Mars
+        return False
+    return radius is not None and MARS_RADII_M[0] <= radius <= MARS_RADII_M[1]
+
+
 def _geod(crs: CRS) -> Geod:
     ell = crs.ellipsoid
     if ell is None:

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -98,6 +99,26 @@ def _default_cell_size(info) -> float:
     return default_cell_size_m(info, [])[0]
 
 
+MARS_MODEL_NAME = "siamese_compact_mars"  # transfer step 1 on HiRISE (models/README.md, make train-mars)
+
+
+def default_landform_model(raster_crs: str | None, runtime: str | None = "auto",
+                           device: str | None = "auto") -> str | None:
+    """The model a landform map uses when none is given: on a Mars raster, the shipped Mars model
+    beside the default encoder (step 1 of the stepwise transfer, fine-tuned on HiRISE landforms:
+    better few-shot Mars classes on the validation side, worse Earth ones); else ``None`` (the
+    default encoder). ``None`` too when the Mars model is not installed.
+    """
+    from .geo import is_mars_crs
+    from .runtime import choose_runtime
+
+    if not raster_crs or not is_mars_crs(raster_crs):
+        return None
+    _, path = choose_runtime(None, runtime, device)
+    mars = path.with_name(MARS_MODEL_NAME + path.suffix)
+    return str(mars) if mars.is_file() else None
+
+
 def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeatures | str | os.PathLike | None,
                     out_raster: str | None = None, out_cells: str | None = None,
                     feedback: Feedback | None = None, encoder: AnalogEncoder | None = None) -> FewShotMapResult:
@@ -147,8 +168,13 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
         source.check_nodata(1.0 - params.max_nodata)
         source.check_band(params.band)
     info = describe_raster(params.raster)
-    encoder = encoder or load_runtime(params.model or (source.facts.model_path if source else None) or None,
-                                      params.runtime, params.device)
+    model = params.model or (source.facts.model_path if source else None) or None
+    if encoder is None and model is None:
+        model = default_landform_model(info.crs_wkt, params.runtime, params.device)
+        if model:
+            feedback.log(f"Model: {Path(model).name} (the Mars landform model, for a Mars raster; "
+                         "give a model file to use another)")
+    encoder = encoder or load_runtime(model, params.runtime, params.device)
     if source is not None:
         source.check_model(encoder)
     size = encoder.input_size

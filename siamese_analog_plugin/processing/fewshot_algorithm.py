@@ -146,7 +146,8 @@ cell-sized square around it; a polygon for the cells inside it. Label a few cell
 including an "other" class for the rest. Or give a <b>folder of example images</b> instead,
 one sub-folder per class (<i>folder/crater/*.png</i>...).</li>
 <li><b>Cell size</b> in metres (empty: 100 raster pixels); the examples are read at the same size.</li>
-<li><b>Model</b>: empty for the shipped encoder, or a model from the stepwise transfer (the <i>transfer</i>
+<li><b>Model</b>: empty for the shipped encoder (on a Mars raster: the shipped Mars landform model, the encoder
+after a transfer step on HiRISE landforms), or a model from the stepwise transfer (the <i>transfer</i>
 command); a step-2 model carries its own classes, so the examples may then be left empty.</li>
 </ol>
 <h3>Outputs</h3>
@@ -251,6 +252,14 @@ when it is installed and the model has an .onnx file, else torch), ONNX Runtime 
 
                 model = EmbeddingRaster.open(self._embeddings).facts.model_path or None
             runtime = self._runtime(parameters, context, self.RUNTIME)
+            if not model and self._raster_path:  # a Mars raster gets the Mars landform model
+                from ..engine.imagery import describe_raster
+                from ..engine.landforms import default_landform_model
+
+                model = default_landform_model(describe_raster(self._raster_path).crs_wkt, runtime, device)
+                if model:
+                    feedback.pushInfo(f"Model: {os.path.basename(model)} (the Mars landform model, for a Mars "
+                                      "raster; give a model file to use another)")
             encoder = load_runtime(model, runtime, device)
             try:
                 raster = self._raster_path

@@ -378,3 +378,61 @@ class TestSplitAndEvaluation:
 def test_support_set_counts():
     s = SupportSet(np.zeros((3, 2, 2), np.float32), np.array([1, 1, 0]), ["a", "b"])
     assert s.counts() == {"a": 1, "b": 2}
+
+
+MARS_EQC = ('PROJCS["Mars equirectangular",GEOGCS["Mars 2000",DATUM["D_Mars_2000",SPHEROID["Mars_2000_IAU_IAG",'
+            '3396190,169.894447223612]],PRIMEM["Reference_Meridian",0],UNIT["degree",0.0174532925199433]],'
+            'PROJECTION["Equirectangular"],PARAMETER["standard_parallel_1",0],PARAMETER["central_meridian",0],'
+            'PARAMETER["false_easting",0],PARAMETER["false_northing",0],UNIT["metre",1]]')
+
+
+class TestLandformModelByPlanet:
+    """Without a model file, a landform map of a Mars raster uses the shipped Mars landform model
+    (models/siamese_compact_mars.*); elsewhere the default encoder."""
+
+    @pytest.fixture()
+    def support_folder(self, tmp_path):
+        from PIL import Image
+
+        rng = np.random.default_rng(3)
+        for name, make in (("stripes", stripes), ("speckle", speckle)):
+            (tmp_path / "support" / name).mkdir(parents=True)
+            for k in range(2):
+                Image.fromarray(make(100, rng)).save(tmp_path / "support" / name / f"{k}.png")
+        return str(tmp_path / "support")
+
+    def _raster(self, tmp_path, crs):
+        rng = np.random.default_rng(5)
+        img = np.concatenate([stripes(200, rng)[:, :200], speckle(200, rng)[:, :200]], axis=1)
+        return write_raster(tmp_path / "area.tif", np.maximum(img, 1).astype(np.uint8), crs,
+                            Affine(10, 0, 500000, 0, -10, 10000))
+
+    def test_mars_crs_is_recognised(self):
+        from siamese_analog_plugin.engine.geo import is_mars_crs
+
+        assert is_mars_crs(MARS_EQC) and not is_mars_crs("EPSG:32633") and not is_mars_crs(None)
+        assert not is_mars_crs("not a crs")
+
+    @pytest.mark.parametrize("runtime", ["onnx", "torch"])
+    def test_a_mars_raster_gets_the_mars_model(self, tmp_path, support_folder, runtime):
+        from siamese_analog_plugin.engine.feedback import Feedback
+
+        logs = []
+
+        class Log(Feedback):
+            def log(self, message):
+                logs.append(message)
+
+        res = run_fewshot_map(FewShotParams(self._raster(tmp_path, MARS_EQC), cell_size_m=500, runtime=runtime,
+                                            device="cpu"), support_folder, None, None, Log())
+        assert res.model_path.endswith("siamese_compact_mars." + ("onnx" if runtime == "onnx" else "pt"))
+        assert any("the Mars landform model" in m for m in logs)
+        assert set(res.class_names) == {"speckle", "stripes"}
+
+    def test_an_earth_raster_or_a_given_model_keeps_its_model(self, tmp_path, support_folder, tiny_model):
+        earth = FewShotParams(self._raster(tmp_path, "EPSG:32633"), cell_size_m=500, device="cpu", runtime="onnx")
+        assert run_fewshot_map(earth, support_folder).model_path.endswith("siamese_compact.onnx")
+        (tmp_path / "m").mkdir()
+        mars = FewShotParams(str(self._raster(tmp_path / "m", MARS_EQC)), cell_size_m=500, device="cpu",
+                             model=tiny_model)
+        assert run_fewshot_map(mars, support_folder).model_path == tiny_model

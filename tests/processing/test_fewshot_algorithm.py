@@ -113,6 +113,19 @@ class TestFewShotLandforms:
         res = run_alg(ALG, params(two_textures, tiny_model_path, tmp_path, SUPPORT_FOLDER=str(support)))
         assert res["CLASSES"] == "speckle,stripes" and res["CLASSIFIED_COUNT"] == 50
 
+    def test_a_mars_raster_without_a_model_gets_the_mars_landform_model(self, run_alg, tmp_path):
+        from ..engine.test_fewshot import MARS_EQC
+
+        rng = np.random.default_rng(5)
+        img = np.concatenate([stripes(200, rng)[:, :200], speckle(200, rng)[:, :200]], axis=1)
+        mars = write_raster(tmp_path / "mars.tif", np.maximum(img, 1).astype(np.uint8), MARS_EQC,
+                            Affine(10, 0, 500000, 0, -10, 10000))
+        support = make_class_folder(tmp_path / "support", {"stripes": 2, "speckle": 2}, seed=3)
+        fb = RecordingFeedback.make()
+        res = run_alg(ALG, {**params(mars, "", tmp_path, SUPPORT_FOLDER=str(support)), "MODEL": None}, fb)
+        assert res["CLASSES"] == "speckle,stripes"
+        assert any("siamese_compact_mars" in line and "Mars landform model" in line for line in fb.infos)
+
     @pytest.mark.parametrize("key, name, match", [("OUTPUT_RASTER", "classes.png", "class raster is written as a "
                                                                                   "GeoTIFF.*ending in .tif"),
                                                   ("OUTPUT_CELLS", "cells.shp", "cells are written as a "
