@@ -83,12 +83,14 @@ train-leakfree:
 		--init $(OUT)/leakfree/siamese_pretrained.pt --epochs $(FINETUNE_EPOCHS) --pairs-per-epoch 5120 --seed 0 \
 		--threads 1 --out $(OUT)/leakfree/siamese_leakfree.pt
 
-## Leak-free evaluation (learning/leakfree.py): the test side of the train/val/test split, the shipped
-## model beside an untrained network and the texture baseline, mean ± spread (std over dune sites,
-## support draws or a scene bootstrap). PART=val gives the validation numbers used for choices.
+## Leak-free evaluation (learning/leakfree.py): the test side of the train/val/test split; the shipped
+## model (its dune-site rows from the fold models in models/folds/, each scoring the site it never saw) and
+## the Mars landform model beside an untrained network and the texture baseline, mean ± spread (std over
+## dune sites, support draws or a scene bootstrap). PART=val gives the validation numbers used for choices.
 PART ?= test
 evaluate:
-	OMP_NUM_THREADS=1 $(PY) -m siamese_analog_plugin evaluate --data $(DATA) --part $(PART) --draws 20
+	OMP_NUM_THREADS=1 $(PY) -m siamese_analog_plugin evaluate --data $(DATA) --part $(PART) --draws 20 \
+		--compare mars_landform_model=models/siamese_compact_mars.pt
 
 fewshot-eval:
 	@mkdir -p $(OUT)/fewshot
