@@ -66,7 +66,7 @@ train-folds:
 	for s in $(SITES); do \
 		$(PY) -m siamese_analog_plugin train $(TRAIN_ARGS) --dune-sites $$(echo $(SITES) | tr ' ' '\n' | grep -vx $$s) \
 			--out models/folds/siamese_compact.no_$$s.pt || exit 1; \
-		rm -f models/folds/siamese_compact.no_$$s.onnx; \
+		rm -f models/folds/siamese_compact.no_$$s.onnx models/folds/siamese_compact.no_$$s.state.pt; \
 	done
 
 ## The pre-training experiment of issue 13 (not shipped: see models/README.md): self-supervised NT-Xent

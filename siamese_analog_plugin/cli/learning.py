@@ -33,6 +33,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         arch_params={**({"pooling": args.pooling} if args.pooling else {}),
                      **({"widths": list(args.widths)} if args.widths else {})},
         split=args.split, init=args.init or None, dune_train_sites=tuple(args.dune_sites))
+    if args.widths and args.arch != "compact":
+        raise InputError("--widths only applies to the compact network", "Leave --widths out with --arch paper")
     if args.dune_sites and args.split != "leakfree":
         raise InputError("--dune-sites only applies to the leak-free split", "Add --split leakfree")
     train(config, ConsoleFeedback(quiet=args.quiet))
@@ -137,7 +139,8 @@ def _cmd_evaluate_leakfree(args: argparse.Namespace) -> int:
     if folds is None:  # the shipped model comes with its fold models
         from ..engine.encoder import default_model_path
 
-        folds = sorted(str(f) for f in (default_model_path().parent / "folds").glob("*.pt")) if not args.model else []
+        folds = sorted(str(f) for f in (default_model_path().parent / "folds").glob("*.pt")
+                       if not f.name.endswith(".state.pt")) if not args.model else []
     t = time.perf_counter()
     report = evaluate_leakfree(models, args.data, args.part, args.seed if args.seed is not None else 0,
                                untrained=not args.no_baselines, texture=not args.no_baselines, draws=args.draws,

@@ -169,7 +169,7 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
         source.check_band(params.band)
     info = describe_raster(params.raster)
     model = params.model or (source.facts.model_path if source else None) or None
-    if encoder is None and model is None:
+    if encoder is None and model is None and source is None:  # an embedding raster keeps its model
         model = default_landform_model(info.crs_wkt, params.runtime, params.device)
         if model:
             feedback.log(f"Model: {Path(model).name} (the Mars landform model, for a Mars raster; "

@@ -99,7 +99,9 @@ def resolve_dune_sites(records: Sequence[ImageRecord], names: Sequence[str]) -> 
     """
     sites = sorted({site_of(r) for r in records if r.source == "dune_field"})
     names = [n for n in names if n]
-    if list(names) == ["all"]:
+    if "all" in names:
+        if len(names) > 1:
+            raise InputError("'all' cannot be combined with site names", "Give either all or the site names")
         return sites
     unknown = [n for n in names if n not in sites]
     if unknown:
@@ -411,6 +413,8 @@ def sites_seen(metadata, all_sites: Sequence[str]) -> list[str]:
             return sorted(t.get("dune_train_sites", []))
         if "step" not in t or "parent" not in t:
             break
+        if "dune_fields" in str(t.get("data", "")):  # a step trained on dune-field scenes saw their sites
+            return sorted(all_sites)
         parent = t["parent"]
         try:
             t = parent if isinstance(parent, dict) else ast.literal_eval(parent)
@@ -439,7 +443,7 @@ def merge_site_folds(rows: dict[str, dict], seen: Sequence[str], fold_rows: dict
         source = {s: "model" for s in per}
         for site, frows in fold_rows.items():
             value = frows.get(row, {}).get("folds", {}).get(site)
-            if value is not None:
+            if value is not None and (site in seen or site not in per):  # the model's own unseen sites stay
                 per[site] = value
                 source[site] = (fold_files or {}).get(site, "fold model")
         ref = base or next((f[row] for f in fold_rows.values() if row in f), None)
@@ -480,7 +484,7 @@ def evaluate_leakfree(models: dict[str, str | None], data_root: str | None = Non
     all_sites = sorted({s for s in bench.sites if s})
     fold_rows: dict[str, dict] = {}
     fold_files: dict[str, str] = {}
-    for path in folds:
+    for path in folds if all_sites else ():  # (the validation side has no dune site to fill)
         enc = load_model(path, device)
         unseen = [s for s in all_sites if s not in sites_seen(enc.metadata, all_sites)]
         if not unseen and all_sites:
@@ -541,6 +545,11 @@ def format_leakfree_table(report: dict) -> str:
         target = TARGETS.get(row)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {chance:.3f} | "
                      + (f">= {target:.2f}" if target else "") + f" | {spread} |")
-    means = [validation_score({k: v for k, v in report["columns"][c].items() if k in ROWS}) for c in cols]
-    lines.append("| mean of rows | " + " | ".join(f"{m:.3f}" for m in means) + " | | | |")
+    # Only the rows every column has, so the means compare like with like (a model's seen sites
+    # take its site rows away).
+    common = [r for r in ROWS if all(r in report["columns"][c] and not np.isnan(report["columns"][c][r]["mean"])
+                                     for c in cols)]
+    means = [validation_score({k: v for k, v in report["columns"][c].items() if k in common}) for c in cols]
+    lines.append(f"| mean of the {len(common)} rows every column has | " + " | ".join(f"{m:.3f}" for m in means)
+                 + " | | | |")
     return "\n".join(lines)

@@ -212,6 +212,12 @@ def _arch_params(config: TrainConfig) -> tuple[dict, int]:
 
         for key, value in COMPACT_DEFAULTS.items():
             params.setdefault(key, list(value) if isinstance(value, tuple) else value)
+        side = -(-config.input_size // int(params["stem_stride"]))  # after the strided first layer
+        for _ in range(len(params["widths"]) - 1):
+            side //= 2  # a 2x2 max-pooling between layers
+        if side < 2:
+            raise InputError(f"{len(params['widths'])} layers pool a {config.input_size} px patch below 2x2 "
+                             "feature maps", "Give fewer --widths (at most 5 for 100 px patches)")
     elif config.arch == "paper":
         dim = config.embedding_dim or 5
     else:

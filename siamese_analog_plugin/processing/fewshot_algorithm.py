@@ -252,7 +252,7 @@ when it is installed and the model has an .onnx file, else torch), ONNX Runtime 
 
                 model = EmbeddingRaster.open(self._embeddings).facts.model_path or None
             runtime = self._runtime(parameters, context, self.RUNTIME)
-            if not model and self._raster_path:  # a Mars raster gets the Mars landform model
+            if not model and self._raster_path and not self._embeddings:  # a Mars raster: the Mars landform model
                 from ..engine.imagery import describe_raster
                 from ..engine.landforms import default_landform_model
 

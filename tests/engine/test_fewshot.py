@@ -436,3 +436,23 @@ class TestLandformModelByPlanet:
         mars = FewShotParams(str(self._raster(tmp_path / "m", MARS_EQC)), cell_size_m=500, device="cpu",
                              model=tiny_model)
         assert run_fewshot_map(mars, support_folder).model_path == tiny_model
+
+    def test_an_embedding_raster_of_a_mars_raster_keeps_its_model(self, tmp_path, support_folder):
+        """Even when it names no model file (made by an in-memory encoder): its model is the shipped
+        encoder, never the Mars model picked for the raster."""
+        import json
+
+        from osgeo import gdal
+
+        from siamese_analog_plugin.cli import main
+        from siamese_analog_plugin.engine.embeddings import TAG
+
+        raster, emb = self._raster(tmp_path, MARS_EQC), str(tmp_path / "emb.tif")
+        assert main(["embed-area", "--raster", raster, "--cell-size", "500", "--runtime", "onnx", "--out", emb,
+                     "--quiet"]) == 0
+        ds = gdal.Open(emb, gdal.GA_Update)
+        facts = json.loads(ds.GetMetadataItem(TAG))
+        ds.SetMetadataItem(TAG, json.dumps({**facts, "model_path": ""}))
+        ds = None
+        res = run_fewshot_map(FewShotParams(raster, embeddings=emb, device="cpu", runtime="onnx"), support_folder)
+        assert res.model_path.endswith("siamese_compact.onnx")

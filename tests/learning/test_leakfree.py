@@ -422,3 +422,25 @@ def test_rows_without_sites_are_kept_as_they_are():
 
     rows = {"mars_dune_to_earth": {"mean": 0.4, "std": 0.1, "n": 9, "chance": 0.1}}  # validation side
     assert merge_site_folds(rows, ["A"], {}) == rows
+
+
+def test_review_findings_stay_fixed(project, tmp_path, capsys):
+    """Folds fill only the sites the model saw; state files are not fold models; 'all' stands alone;
+    too many layers are refused; a step trained on dune-field scenes saw their sites."""
+    from types import SimpleNamespace
+
+    from siamese_analog_plugin.cli import main
+    from siamese_analog_plugin.engine.errors import InputError
+    from siamese_analog_plugin.learning.leakfree import merge_site_folds, resolve_dune_sites, sites_seen
+
+    rows = {"earth_dune_to_mars": {"mean": 0.5, "std": 0.0, "n": 1, "chance": 0.1, "folds": {"A": 0.5}}}
+    fold = {"A": {"earth_dune_to_mars": {"folds": {"A": 0.9}}}}
+    assert merge_site_folds(rows, [], fold)["earth_dune_to_mars"]["folds"] == {"A": 0.5}  # its own, unseen
+    assert merge_site_folds(rows, ["A"], fold)["earth_dune_to_mars"]["folds"] == {"A": 0.9}
+    with pytest.raises(InputError, match="'all' cannot be combined"):
+        resolve_dune_sites(discover_dataset(project).records, ["all", "Alpha"])
+    assert main(["train", "--data", str(project), "--widths", "4", "8", "8", "8", "8", "8", "--epochs", "1",
+                 "--out", str(tmp_path / "m.pt"), "--no-cache"]) != 0
+    assert "pool a 100 px patch below 2x2" in capsys.readouterr().err
+    step = SimpleNamespace(training={"step": 1, "data": "x/earth/dune_fields", "parent": {"protocol": "leakfree"}})
+    assert sites_seen(step, ["A"]) == ["A"]
