@@ -398,23 +398,28 @@ class AnalogEncoder:
 
     def describe(self) -> str:
         """A human-readable model card summary."""
-        m = self.metadata
         params = sum(p.numel() for p in self.network.parameters())
-        lines = [
-            f"model file     : {self.path or '(in memory)'}",
-            f"architecture   : {m.architecture} {json.dumps(m.arch_params, sort_keys=True)}",
-            f"parameters     : {params:,}",
-            f"input          : {m.input_size}x{m.input_size} grey, normalisation {json.dumps(m.normalisation)}",
-            f"embedding size : {m.embedding_dim}",
-            "runtime        : torch",
-            f"device         : {self.device}",
-        ]
-        if m.description:
-            lines.append(f"description    : {m.description}")
-        for key, value in sorted(m.training.items()):
-            text = json.dumps(value) if not isinstance(value, str) else value
-            lines.append(f"training.{key:<8}: {text}" if len(key) < 8 else f"training.{key}: {text}")
-        return "\n".join(lines)
+        return describe_model(self.path, self.metadata, [f"parameters     : {params:,}"],
+                              ["runtime        : torch", f"device         : {self.device}"])
+
+
+def describe_model(path, m: ModelMetadata, after_architecture: list[str], runtime: list[str]) -> str:
+    """The lines of ``describe()`` for either runtime: file, architecture, input, embedding size,
+    the runtime's own lines, then the description and the training record."""
+    lines = [
+        f"model file     : {path or '(in memory)'}",
+        f"architecture   : {m.architecture} {json.dumps(m.arch_params, sort_keys=True)}",
+        *after_architecture,
+        f"input          : {m.input_size}x{m.input_size} grey, normalisation {json.dumps(m.normalisation)}",
+        f"embedding size : {m.embedding_dim}",
+        *runtime,
+    ]
+    if m.description:
+        lines.append(f"description    : {m.description}")
+    for key, value in sorted(m.training.items()):
+        text = json.dumps(value) if not isinstance(value, str) else value
+        lines.append(f"training.{key:<8}: {text}" if len(key) < 8 else f"training.{key}: {text}")
+    return "\n".join(lines)
 
 
 def embed_in_batches(encoder, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:

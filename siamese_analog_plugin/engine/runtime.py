@@ -41,6 +41,7 @@ from .encoder import (
     FORMAT,
     FORMAT_VERSION,
     ModelMetadata,
+    describe_model,
     embed_in_batches,
     normalise_patches,
 )
@@ -506,20 +507,8 @@ class OnnxEncoder:
 
     def describe(self) -> str:
         """A human-readable model card summary."""
-        m = self.metadata
-        lines = [
-            f"model file     : {self.path or '(in memory)'}",
-            f"architecture   : {m.architecture} {json.dumps(m.arch_params, sort_keys=True)}",
-            f"input          : {m.input_size}x{m.input_size} grey, normalisation {json.dumps(m.normalisation)}",
-            f"embedding size : {m.embedding_dim}",
-            f"runtime        : onnxruntime {_ort().__version__}",
-            f"device         : {self.device.describe()}",
-        ]
-        if self.properties.get(ONNX_SOURCE_KEY):
-            lines.append(f"exported from  : .pt file with SHA-256 {self.properties[ONNX_SOURCE_KEY]}")
-        if m.description:
-            lines.append(f"description    : {m.description}")
-        for key, value in sorted(m.training.items()):
-            text = json.dumps(value) if not isinstance(value, str) else value
-            lines.append(f"training.{key:<8}: {text}" if len(key) < 8 else f"training.{key}: {text}")
-        return "\n".join(lines)
+        source = self.properties.get(ONNX_SOURCE_KEY)
+        return describe_model(self.path, self.metadata, [],
+                              [f"runtime        : onnxruntime {_ort().__version__}",
+                               f"device         : {self.device.describe()}",
+                               *([f"exported from  : .pt file with SHA-256 {source}"] if source else [])])
