@@ -6,7 +6,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -102,12 +101,12 @@ def _default_cell_size(info) -> float:
 MARS_MODEL_NAME = "siamese_compact_mars"  # transfer step 1 on HiRISE (models/README.md, make train-mars)
 
 
-def default_landform_model(raster_crs: str | None, runtime: str | None = "auto",
-                           device: str | None = "auto") -> str | None:
+def default_landform_model(raster_crs: str | None, runtime: str | None = "auto", device: str | None = "auto",
+                           log=None) -> str | None:
     """The model a landform map uses when none is given: on a Mars raster, the shipped Mars model
     beside the default encoder (step 1 of the stepwise transfer, fine-tuned on HiRISE landforms:
-    better few-shot Mars classes on the validation side, worse Earth ones); else ``None`` (the
-    default encoder). ``None`` too when the Mars model is not installed.
+    better few-shot Mars classes on the validation side, worse Earth ones), said through ``log``;
+    else ``None`` (the default encoder). ``None`` too when the Mars model is not installed.
     """
     from .geo import is_mars_crs
     from .runtime import choose_runtime
@@ -116,7 +115,11 @@ def default_landform_model(raster_crs: str | None, runtime: str | None = "auto",
         return None
     _, path = choose_runtime(None, runtime, device)
     mars = path.with_name(MARS_MODEL_NAME + path.suffix)
-    return str(mars) if mars.is_file() else None
+    if not mars.is_file():
+        return None
+    if log is not None:
+        log(f"Model: {mars.name} (the Mars landform model, for a Mars raster; give a model file to use another)")
+    return str(mars)
 
 
 def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeatures | str | os.PathLike | None,
@@ -170,10 +173,7 @@ def run_fewshot_map(params: FewShotParams, support: SupportSet | LabelledFeature
     info = describe_raster(params.raster)
     model = params.model or (source.facts.model_path if source else None) or None
     if encoder is None and model is None and source is None:  # an embedding raster keeps its model
-        model = default_landform_model(info.crs_wkt, params.runtime, params.device)
-        if model:
-            feedback.log(f"Model: {Path(model).name} (the Mars landform model, for a Mars raster; "
-                         "give a model file to use another)")
+        model = default_landform_model(info.crs_wkt, params.runtime, params.device, feedback.log)
     encoder = encoder or load_runtime(model, params.runtime, params.device)
     if source is not None:
         source.check_model(encoder)

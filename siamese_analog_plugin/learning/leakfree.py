@@ -405,21 +405,15 @@ def sites_seen(metadata, all_sites: Sequence[str]) -> list[str]:
     (``transfer --step 1/2``) saw what its parent saw. When the record cannot tell, every site
     counts as seen.
     """
-    import ast
-
     t = getattr(metadata, "training", metadata) or {}
-    for _ in range(8):  # walk up the transfer steps to the encoder's own training
-        if t.get("protocol") == "leakfree":
-            return sorted(t.get("dune_train_sites", []))
-        if "step" not in t or "parent" not in t:
-            break
+    while t.get("protocol") != "leakfree" and "step" in t and "parent" in t:  # up to the encoder's own training
         if "dune_fields" in str(t.get("data", "")):  # a step trained on dune-field scenes saw their sites
             return sorted(all_sites)
-        parent = t["parent"]
-        try:
-            t = parent if isinstance(parent, dict) else ast.literal_eval(parent)
-        except (ValueError, SyntaxError):
+        t = t["parent"]
+        if not isinstance(t, dict):
             return sorted(all_sites)
+    if t.get("protocol") == "leakfree":
+        return sorted(t.get("dune_train_sites", []))
     data = t.get("data")
     if not isinstance(data, dict):
         return sorted(all_sites)

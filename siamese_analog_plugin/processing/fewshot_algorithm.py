@@ -256,10 +256,8 @@ when it is installed and the model has an .onnx file, else torch), ONNX Runtime 
                 from ..engine.imagery import describe_raster
                 from ..engine.landforms import default_landform_model
 
-                model = default_landform_model(describe_raster(self._raster_path).crs_wkt, runtime, device)
-                if model:
-                    feedback.pushInfo(f"Model: {os.path.basename(model)} (the Mars landform model, for a Mars "
-                                      "raster; give a model file to use another)")
+                model = default_landform_model(describe_raster(self._raster_path).crs_wkt, runtime, device,
+                                               feedback.pushInfo)
             encoder = load_runtime(model, runtime, device)
             try:
                 raster = self._raster_path

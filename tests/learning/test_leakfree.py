@@ -396,9 +396,8 @@ def test_sites_seen_by_older_models():
     assert sites_seen(SimpleNamespace(training={"data": {"sources": ["hirise"]}}), ["A"]) == []
     assert sites_seen(SimpleNamespace(training={"protocol": "leakfree", "dune_train_sites": ["A"]}), ["A", "B"]) \
         == ["A"]
-    # A transfer step saw what its parent saw (the parent is kept as a dict's repr); unknown = every site.
-    step1 = {"step": 1, "data": "hirise_landmarks", "parent": repr({"protocol": "leakfree",
-                                                                     "dune_train_sites": ["B"]})}
+    # A transfer step saw what its parent saw (transfer._parent_summary); unknown = every site.
+    step1 = {"step": 1, "data": "hirise_landmarks", "parent": {"protocol": "leakfree", "dune_train_sites": ["B"]}}
     assert sites_seen(SimpleNamespace(training=step1), ["A", "B"]) == ["B"]
     assert sites_seen(SimpleNamespace(training={**step1, "parent": "<?>"}), ["A", "B"]) == ["A", "B"]
     assert sites_seen(SimpleNamespace(training={"data": "somewhere"}), ["A"]) == ["A"]
