@@ -288,6 +288,14 @@ class AnalogAlgorithm(QgsProcessingAlgorithm):
             return False, install_hint(missing)
         return True, ""
 
+    def _imagery_layer(self, parameters, context, what: str = "The Earth imagery layer",
+                       hint: str = "Choose a raster layer that draws on the map."):
+        """The algorithm's INPUT raster layer, or a one-line error naming it when it is missing or unreadable."""
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException(f"{what} is missing or cannot be read. {hint}")
+        return layer
+
     def _model_parameter(self, name: str, description: str) -> QgsProcessingParameterFile:
         """The optional model file: ``.onnx`` (ONNX Runtime) or ``.pt`` (torch)."""
         return QgsProcessingParameterFile(name, description, optional=True,

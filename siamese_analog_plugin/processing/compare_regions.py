@@ -165,10 +165,7 @@ resolution of references that are not georeferenced.</p>"""
         self._embeddings = embeddings_parameter_path(self, parameters, self.EMBEDDINGS, context)
         self._raster_path = None
         if parameters.get(self.INPUT) not in (None, ""):
-            layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-            if layer is None or not layer.isValid():
-                raise QgsProcessingException("The Earth imagery layer is missing or cannot be read. Choose a raster "
-                                             "file layer.")
+            layer = self._imagery_layer(parameters, context, hint="Choose a raster file layer.")
             self._raster_path = gdal_path(layer)
             if self._raster_path is None:
                 raise QgsProcessingException(f"'{layer.name()}' is not a raster file (provider "

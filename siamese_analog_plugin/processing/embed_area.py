@@ -162,10 +162,7 @@ has an .onnx file, else torch), ONNX Runtime or torch.</p>"""
 
     # -- main thread ---------------------------------------------------------------------
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("The Earth imagery layer is missing or cannot be read. Choose a raster "
-                                         "layer that draws on the map.")
+        layer = self._imagery_layer(parameters, context)
         self._raster_path = gdal_path(layer)
         if self._raster_path is None:
             raise QgsProcessingException(

@@ -204,10 +204,7 @@ when it is installed and the model has an .onnx file, else torch), ONNX Runtime 
     # -- main thread ---------------------------------------------------------------------
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:
         """Resolve the imagery layer to a file on the main thread (QGIS layers belong to it)."""
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("The imagery layer is missing or cannot be read. Choose a raster layer "
-                                         "that draws on the map.")
+        layer = self._imagery_layer(parameters, context, "The imagery layer")
         self._raster_path = gdal_path(layer)
         examples = self.parameterAsVectorLayer(parameters, self.EXAMPLES, context)
         self._examples_id = examples.id() if examples is not None and context.project() is not None \

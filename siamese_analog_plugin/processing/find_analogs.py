@@ -271,10 +271,7 @@ the imagery.</p>"""
 
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:
         """Resolve layers to files on the main thread (QGIS layers belong to it)."""
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("The Earth imagery layer is missing or cannot be read. Choose a raster "
-                                         "layer that draws on the map.")
+        layer = self._imagery_layer(parameters, context)
         self._raster_name = layer.name()
         self._raster_path = gdal_path(layer)
         self._rendered = None if self._raster_path else RenderedRasterSource(layer)
